@@ -1,0 +1,30 @@
+# gmmseg-d2: the two commands are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_CONFIG ?= configs/mosaic/fcn_R18_softmax.yaml
+DEMO_OUTPUT ?= output/demo
+export DETECTRON2_DATASETS ?= $(CURDIR)/datasets
+
+.PHONY: setup data demo test clean
+
+# Idempotent: a second run only checks the environment (a few seconds).
+setup:
+	@bash tools/setup_env.sh
+
+# Generates the embedded mosaic dataset under $(DETECTRON2_DATASETS)/mosaic once.
+data: setup
+	@$(PY) datasets/prepare_mosaic.py --root "$(DETECTRON2_DATASETS)"
+
+demo: setup data
+	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT)
+	$(PY) tools/visualize_predictions.py --config-file $(DEMO_CONFIG) \
+		--output $(DEMO_OUTPUT)/predictions.png \
+		OUTPUT_DIR $(DEMO_OUTPUT) MODEL.WEIGHTS $(DEMO_OUTPUT)/model_final.pth
+	@echo "Results: $(DEMO_OUTPUT)/eval_results.json  picture: $(DEMO_OUTPUT)/predictions.png"
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf output

@@ -1,0 +1,3 @@
+from .fcn_head import FCNHead
+
+__all__ = ["FCNHead"]

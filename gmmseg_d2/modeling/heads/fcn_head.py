@@ -1,0 +1,165 @@
+"""FCN segmentation head (Long et al.; the shape of mmsegmentation's FCNHead).
+
+``NUM_CONVS`` 3x3 conv-norm-ReLU blocks on one backbone feature, an optional
+3x3 fusion of their output with the input (``CONCAT_INPUT``), dropout, then a
+per-pixel classifier selected by ``MODEL.SEM_SEG_HEAD.CLASSIFIER``.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import fvcore.nn.weight_init as weight_init
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+
+from ..anomaly import SOFTMAX_ANOMALY_SCORES, softmax_anomaly_score
+
+__all__ = ["FCNHead", "PIXEL_CLASSIFIERS"]
+
+#: Values of ``MODEL.SEM_SEG_HEAD.CLASSIFIER`` the per-pixel heads accept.
+PIXEL_CLASSIFIERS = ("softmax",)
+
+
+def _conv_norm_relu(in_channels: int, out_channels: int, norm: str) -> Conv2d:
+    conv = Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=not norm,
+                  norm=get_norm(norm, out_channels), activation=F.relu)
+    weight_init.c2_msra_fill(conv)
+    return conv
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class FCNHead(nn.Module):
+    """Fully convolutional head on a single backbone feature.
+
+    Training returns ``(None, {"loss_sem_seg": ...})``: cross-entropy of the
+    logits upsampled to the (padded) input size against the targets.
+    Inference returns ``(outputs, {})`` where ``outputs`` holds, at the padded
+    input size, ``"sem_seg"``: logits ``(B, C, H, W)`` and ``"anomaly_score"``:
+    ``(B, H, W)`` (higher = more anomalous).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        num_classes: int,
+        in_feature: str,
+        conv_dims: int = 512,
+        num_convs: int = 2,
+        concat_input: bool = True,
+        dropout: float = 0.1,
+        norm: str = "BN",
+        classifier: str = "softmax",
+        anomaly_score: str = "msp",
+        loss_weight: float = 1.0,
+        ignore_value: int = 255,
+    ):
+        """
+        Args:
+            input_shape: backbone output shapes; only ``in_feature`` is used.
+            num_classes: number of classes ``C``.
+            in_feature: name of the backbone feature to segment from (e.g. "res5").
+            conv_dims: channels of the 3x3 convs.
+            num_convs: number of 3x3 conv blocks (0 = classifier on the input).
+            concat_input: fuse the convs' output with the input by a 3x3 conv.
+            dropout: dropout probability before the classifier.
+            norm: normalization of the convs ("" for none).
+            classifier: "softmax" (a 1x1 conv) — see :data:`PIXEL_CLASSIFIERS`.
+            anomaly_score: softmax anomaly score, one of "msp", "max_logit", "entropy".
+            loss_weight: weight of the cross-entropy loss.
+            ignore_value: target value excluded from the loss.
+        """
+        super().__init__()
+        if in_feature not in input_shape:
+            raise ValueError(f"FCNHead input feature {in_feature!r} is not a backbone output; "
+                             f"available: {sorted(input_shape)}")
+        if classifier not in PIXEL_CLASSIFIERS:
+            raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.CLASSIFIER {classifier!r}; "
+                             f"choose one of {PIXEL_CLASSIFIERS}")
+        if anomaly_score not in SOFTMAX_ANOMALY_SCORES:
+            raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.ANOMALY_SCORE {anomaly_score!r}; "
+                             f"choose one of {SOFTMAX_ANOMALY_SCORES}")
+        self.in_feature = in_feature
+        self.num_classes = num_classes
+        self.ignore_value = ignore_value
+        self.loss_weight = loss_weight
+        self.anomaly_score_method = anomaly_score
+        self.classifier_name = classifier
+
+        in_channels = input_shape[in_feature].channels
+        self.feature_stride = input_shape[in_feature].stride
+        self.convs = nn.Sequential(*[
+            _conv_norm_relu(in_channels if i == 0 else conv_dims, conv_dims, norm)
+            for i in range(num_convs)
+        ])
+        out_channels = conv_dims if num_convs > 0 else in_channels
+        self.conv_cat = (_conv_norm_relu(in_channels + out_channels, conv_dims, norm)
+                         if concat_input and num_convs > 0 else None)
+        if self.conv_cat is not None:
+            out_channels = conv_dims
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.predictor = nn.Conv2d(out_channels, num_classes, kernel_size=1)
+        nn.init.normal_(self.predictor.weight, std=0.01)
+        nn.init.zeros_(self.predictor.bias)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        head = cfg.MODEL.SEM_SEG_HEAD
+        if len(head.IN_FEATURES) != 1:
+            raise ValueError(f"FCNHead takes exactly one MODEL.SEM_SEG_HEAD.IN_FEATURES entry, "
+                             f"got {list(head.IN_FEATURES)}")
+        return {
+            "input_shape": input_shape,
+            "num_classes": head.NUM_CLASSES,
+            "in_feature": head.IN_FEATURES[0],
+            "conv_dims": head.CONVS_DIM,
+            "num_convs": head.NUM_CONVS,
+            "concat_input": head.CONCAT_INPUT,
+            "dropout": head.DROPOUT,
+            "norm": head.NORM,
+            "classifier": head.CLASSIFIER,
+            "anomaly_score": head.ANOMALY_SCORE,
+            "loss_weight": head.LOSS_WEIGHT,
+            "ignore_value": head.IGNORE_VALUE,
+        }
+
+    def layers(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The head's final feature map ``(B, C_feat, h, w)`` before the classifier."""
+        x = features[self.in_feature]
+        y = self.convs(x)
+        if self.conv_cat is not None:
+            y = self.conv_cat(torch.cat([x, y], dim=1))
+        return self.dropout(y)
+
+    def forward(self, features: Dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None
+                ) -> Tuple[Optional[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
+        """
+        Args:
+            features: backbone outputs, ``{name: (B, C_i, h_i, w_i)}``.
+            targets: ``(B, H, W)`` int64 labels at the padded input size (training).
+        """
+        logits = self.predictor(self.layers(features))
+        if self.training:
+            return None, self.losses(logits, targets)
+        return self.inference(logits), {}
+
+    def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Cross-entropy at the target resolution; ``logits (B, C, h, w)``, ``targets (B, H, W)``."""
+        logits = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        loss = F.cross_entropy(logits, targets, reduction="mean", ignore_index=self.ignore_value)
+        return {"loss_sem_seg": loss * self.loss_weight}
+
+    def inference(self, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Logits ``(B, C, h, w)`` → outputs at ``stride`` times their size (the padded
+        input size, up to rounding that ``sem_seg_postprocess`` crops away)."""
+        logits = F.interpolate(logits.float(), scale_factor=self.feature_stride,
+                               mode="bilinear", align_corners=False)
+        return {
+            "sem_seg": logits,
+            "anomaly_score": softmax_anomaly_score(logits, self.anomaly_score_method, dim=1),
+        }

@@ -1,0 +1,3 @@
+from .per_pixel_segmentor import PerPixelSegmentor
+
+__all__ = ["PerPixelSegmentor"]
