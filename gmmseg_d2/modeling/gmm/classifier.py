@@ -1,0 +1,424 @@
+"""The Gaussian-mixture classifier of GMMSeg, usable by any segmentation head.
+
+:class:`GaussianMixtureClassifier` replaces a head's final linear (or 1x1
+conv) classifier. For every class ``c`` it keeps a mixture of ``M`` diagonal
+Gaussians with uniform weights in a ``D``-dimensional embedding space, fitted
+by Sinkhorn-regularised EM on a memory of recent features, and classifies by
+Bayes' rule under a uniform class prior.
+
+Usage from a head (shapes for ``N`` pixels or queries, ``C`` classes)::
+
+    out = classifier(x)                 # x (N, C_in); any leading dims work
+    out.embeddings                      # (N, D)     linear -> LayerNorm -> L2
+    out.component_log_likelihood        # (N, C, M)  log N(e; mu_cm, sigma_cm)
+    out.class_log_likelihood            # (N, C)     log p(e | c)
+    out.class_logits                    # (N, C)     LayerNorm of the above: CE input
+    loss = classifier.em_step(out, labels)   # labels (N,), ignore_value skipped
+    score = classifier.anomaly_score(out)    # (N,)  -max_c log p(e | c)
+
+A per-pixel head flattens ``(B, C_in, H, W)`` to ``(B*H*W, C_in)`` (e.g.
+``einops.rearrange(f, "b c h w -> (b h w) c")``), resizes its labels to the
+feature resolution with nearest interpolation and reshapes ``class_logits``
+back. A Mask2Former head passes its ``(B, Q, 256)`` query embeddings, builds
+the classifier with ``C + 1`` classes (the last is "no object"), and labels
+every query with its matched class or ``C``.
+
+Training: the head puts its usual CE loss on ``class_logits`` and adds the
+value of :meth:`~GaussianMixtureClassifier.em_step`, which, without gradient:
+
+1. E-step: for each class, the component scores of its samples go through
+   Sinkhorn-Knopp (:mod:`.sinkhorn`) and each sample gets one component. By
+   default only the samples the model currently classifies correctly take part
+   (``estep_samples="correct"``); the official code instead runs Sinkhorn on
+   all of a class's samples (``"all"``). In both modes only correctly
+   classified samples enter the memory.
+2. Before that, the participating samples of all ranks are all-gathered, so
+   every rank runs the same E-step on the same data and ends with the same
+   memory and parameters, equal to one process fed the concatenated batch.
+3. The memory (:class:`~.memory.ClassComponentMemory`) takes at most
+   ``max_samples_per_component`` new features per component (evenly spaced).
+4. Every ``update_interval`` steps (counting from step 0, as the official
+   code does) the M-step refits the components written since the last one:
+   ``mu <- normalise(m mu + (1 - m) normalise(sum memory))`` and
+   ``sigma <- m_s sigma + (1 - m_s) sqrt(var + floor)``.
+5. It returns ``contrastive_loss_weight`` x the cross-entropy of the ``C*M``
+   component scores against the assigned component ``c * M + m``.
+
+Samples whose embedding or scores are NaN/Inf are left out of all of this
+(no memory slot, no CE target) and counted under ``gmm/nonfinite_samples`` in
+the Detectron2 event storage when one is active. The loss value stays finite;
+the dropped rows' own gradient is NaN through any loss (``NaN * 0``), the
+head's CE included, so such a batch still needs the trainer's usual handling.
+
+For the auxiliary outputs of a multi-layer decoder, ``em_step(out_l, labels_l,
+update=False)`` gives the loss without touching the state (it still
+all-gathers: every rank must make the same calls).
+
+State: ``means``, ``stds``, the memory and the step counter ``iteration`` are
+buffers, so checkpoints carry them and a resumed run continues exactly. They
+are kept equal across ranks by construction; wrap the model in DDP with
+``broadcast_buffers=False`` (Detectron2's default in ``create_ddp_model``),
+otherwise DDP would copy the multi-GB memory from rank 0 on every forward.
+
+Differences from the official implementation:
+
+* Sinkhorn runs on the samples of all ranks together (the official code runs
+  it on each GPU's own pixels, then gathers the assignments), so the result
+  does not depend on how a batch is split over GPUs.
+* The memory starts empty and the M-step reads only written slots; the
+  official memory starts as random unit vectors that bias the first fits.
+* The M-step refits the components written since the previous M-step (the
+  official code: every component of the classes in the current batch).
+* The component CE marks "no target" with -100 rather than 255, since with
+  ``C * M > 255`` (ADE20K: 750) component 255 is a real target.
+* The log-likelihood is one matrix product rather than a chunked broadcast,
+  and the evenly spaced subsample uses exact integer ranks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.utils.events import get_event_storage
+from einops import rearrange
+from torch import nn
+
+from .distributed import all_gather_rows
+from .likelihood import diagonal_gaussian_log_likelihood
+from .memory import ClassComponentMemory
+from .sinkhorn import segmented_sinkhorn_assignment
+
+__all__ = ["GaussianMixtureClassifier", "GMMClassifierOutput"]
+
+# ignore_index of the component CE (see the module docstring).
+_NO_TARGET = -100
+
+_MEMORY_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class GMMClassifierOutput:
+    """What :meth:`GaussianMixtureClassifier.forward` returns; ``*`` is the input's leading shape.
+
+    Attributes:
+        embeddings: ``(*, D)`` unit-norm embeddings, float32.
+        component_log_likelihood: ``(*, C, M)`` log-density under each component.
+        class_log_likelihood: ``(*, C)`` ``log p(x | c)``: max (default) or
+            log-mean-exp of the component log-densities.
+        class_logits: ``(*, C)`` LayerNorm of ``class_log_likelihood`` over
+            classes; what a cross-entropy loss or a softmax consumes.
+    """
+
+    embeddings: torch.Tensor
+    component_log_likelihood: torch.Tensor
+    class_log_likelihood: torch.Tensor
+    class_logits: torch.Tensor
+
+
+class GaussianMixtureClassifier(nn.Module):
+    """Generative classifier: one Gaussian mixture per class, fitted by EM.
+
+    Args:
+        in_channels: ``C_in``, channels of the features to classify.
+        num_classes: ``C`` (for a Mask2Former head: classes + 1 for "no object").
+        embed_dim: ``D``, embedding dimension (paper: 64).
+        num_components: ``M``, components per class (paper: 5).
+        memory_size: ``K``, features kept per component (official: 32000).
+        max_samples_per_component: most new features per component per step
+            (official: 20); ``<= 0`` means up to ``K``.
+        mean_momentum: ``m`` of the mean update (0.999).
+        std_momentum: ``m_s`` of the std update (0: replace).
+        variance_floor: added to the variance before the square root (1e-2).
+        update_interval: steps between M-steps (5).
+        sinkhorn_epsilon: entropic regularisation of the E-step (0.05).
+        sinkhorn_iterations: Sinkhorn rounds (3).
+        contrastive_loss_weight: weight of the component CE (0.01).
+        component_reduction: ``"max"`` (official code) or ``"logsumexp"`` (the
+            mixture density the paper writes) to go from components to classes.
+        estep_samples: ``"correct"`` (Sinkhorn on correctly classified samples;
+            misclassified ones get their best own-class component as CE target)
+            or ``"all"`` (official code: Sinkhorn on every labelled sample).
+        memory_dtype: storage dtype of the memory (float32 or float16).
+        ignore_value: label of pixels/queries without a class (255).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        embed_dim: int = 64,
+        num_components: int = 5,
+        memory_size: int = 32000,
+        max_samples_per_component: int = 20,
+        mean_momentum: float = 0.999,
+        std_momentum: float = 0.0,
+        variance_floor: float = 1e-2,
+        update_interval: int = 5,
+        sinkhorn_epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        contrastive_loss_weight: float = 0.01,
+        component_reduction: str = "max",
+        estep_samples: str = "correct",
+        memory_dtype: torch.dtype = torch.float32,
+        ignore_value: int = 255,
+    ) -> None:
+        super().__init__()
+        if component_reduction not in ("max", "logsumexp"):
+            raise ValueError(f"component_reduction must be 'max' or 'logsumexp', got {component_reduction!r}")
+        if estep_samples not in ("correct", "all"):
+            raise ValueError(f"estep_samples must be 'correct' or 'all', got {estep_samples!r}")
+        if update_interval < 1:
+            raise ValueError(f"update_interval must be >= 1, got {update_interval}")
+        if not (0.0 <= mean_momentum <= 1.0 and 0.0 <= std_momentum <= 1.0):
+            raise ValueError("momenta must lie in [0, 1]")
+        if variance_floor < 0:
+            raise ValueError(f"variance_floor must be >= 0, got {variance_floor}")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.num_components = num_components
+        self.mean_momentum = mean_momentum
+        self.std_momentum = std_momentum
+        self.variance_floor = variance_floor
+        self.update_interval = update_interval
+        self.sinkhorn_epsilon = sinkhorn_epsilon
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.contrastive_loss_weight = contrastive_loss_weight
+        self.component_reduction = component_reduction
+        self.estep_samples = estep_samples
+        self.ignore_value = ignore_value
+
+        # Embedding: projection -> LayerNorm -> L2 (the L2 step is in embed()).
+        self.projection = nn.Linear(in_channels, embed_dim)
+        self.embedding_norm = nn.LayerNorm(embed_dim)
+        # LayerNorm over the C class log-likelihoods gives the logits.
+        self.class_norm = nn.LayerNorm(num_classes)
+
+        means = torch.empty(num_classes, num_components, embed_dim)
+        nn.init.trunc_normal_(means, std=0.02)
+        self.register_buffer("means", F.normalize(means, dim=-1))
+        self.register_buffer("stds", torch.ones(num_classes, num_components, embed_dim))
+        # Training steps taken by em_step(update=True); drives the M-step schedule.
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.memory = ClassComponentMemory(
+            num_classes, num_components, memory_size, embed_dim, max_samples_per_component, memory_dtype
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.projection.weight, std=0.02)
+        nn.init.zeros_(self.projection.bias)
+
+    @classmethod
+    def from_config(cls, cfg, in_channels: int, num_classes: int) -> dict:
+        gmm = cfg.MODEL.GMM
+        if gmm.MEMORY_DTYPE not in _MEMORY_DTYPES:
+            raise ValueError(f"MODEL.GMM.MEMORY_DTYPE must be one of {sorted(_MEMORY_DTYPES)}")
+        return {
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "embed_dim": gmm.EMBED_DIM,
+            "num_components": gmm.NUM_COMPONENTS,
+            "memory_size": gmm.MEMORY_SIZE,
+            "max_samples_per_component": gmm.MAX_SAMPLES_PER_COMPONENT,
+            "mean_momentum": gmm.MEAN_MOMENTUM,
+            "std_momentum": gmm.STD_MOMENTUM,
+            "variance_floor": gmm.VARIANCE_FLOOR,
+            "update_interval": gmm.UPDATE_INTERVAL,
+            "sinkhorn_epsilon": gmm.SINKHORN_EPSILON,
+            "sinkhorn_iterations": gmm.SINKHORN_ITERATIONS,
+            "contrastive_loss_weight": gmm.CONTRASTIVE_LOSS_WEIGHT,
+            "component_reduction": gmm.COMPONENT_REDUCTION,
+            "estep_samples": gmm.E_STEP_SAMPLES,
+            "memory_dtype": _MEMORY_DTYPES[gmm.MEMORY_DTYPE],
+            "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"classes={self.num_classes}, components={self.num_components}, reduction={self.component_reduction}, "
+            f"estep_samples={self.estep_samples}, update_interval={self.update_interval}"
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(*, C_in)`` features -> ``(*, D)`` unit-norm float32 embeddings."""
+        projected = self.projection(x)
+        # Normalisations in float32 even under autocast: the scores built on
+        # them are large differences of log-densities.
+        with torch.autocast(device_type=projected.device.type, enabled=False):
+            projected = projected.float()
+            return F.normalize(self.embedding_norm(projected), dim=-1)
+
+    def classify(self, embeddings: torch.Tensor) -> GMMClassifierOutput:
+        """Score ``(*, D)`` embeddings against every component and class."""
+        leading = embeddings.shape[:-1]
+        flat = embeddings.reshape(-1, self.embed_dim)
+        components = diagonal_gaussian_log_likelihood(flat, self.means, self.stds)  # (N, C, M)
+        with torch.autocast(device_type=components.device.type, enabled=False):
+            if self.component_reduction == "max":
+                classes = components.amax(dim=-1)
+            else:
+                # Uniform mixture weights 1/M.
+                classes = torch.logsumexp(components, dim=-1) - math.log(self.num_components)
+            logits = self.class_norm(classes)
+        return GMMClassifierOutput(
+            embeddings=embeddings,
+            component_log_likelihood=components.reshape(*leading, self.num_classes, self.num_components),
+            class_log_likelihood=classes.reshape(*leading, self.num_classes),
+            class_logits=logits.reshape(*leading, self.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> GMMClassifierOutput:
+        """Embed and score ``(*, C_in)`` features; see :class:`GMMClassifierOutput`."""
+        return self.classify(self.embed(x))
+
+    @staticmethod
+    def anomaly_score(outputs: GMMClassifierOutput) -> torch.Tensor:
+        """``-max_c log p(x | c)`` per sample, ``(*,)``: high means unlike every class."""
+        return -outputs.class_log_likelihood.amax(dim=-1)
+
+    # ----------------------------------------------------------------- training
+
+    def em_step(self, outputs: GMMClassifierOutput, labels: torch.Tensor, *, update: bool = True) -> torch.Tensor:
+        """One training step of the EM; returns the weighted component CE.
+
+        Args:
+            outputs: this step's :meth:`forward` output for ``N`` samples.
+            labels: ``(*,)`` int class of each sample, ``ignore_value`` for none.
+            update: write the memory, run the M-step when due and advance the
+                step counter. ``False`` only computes the loss (e.g. for the
+                auxiliary outputs of a multi-layer decoder); the E-step still
+                all-gathers, so all ranks must make the same calls.
+
+        Returns:
+            Scalar ``contrastive_loss_weight * CE(component scores, assigned
+            component)``, averaged over samples with a target; 0 (still
+            attached to the graph) when there are none.
+        """
+        num_samples = labels.numel()
+        labels = labels.reshape(num_samples).long()
+        components = outputs.component_log_likelihood.reshape(num_samples, self.num_classes, self.num_components)
+        targets, new_features, new_slots = self._expectation(
+            outputs.embeddings.reshape(num_samples, self.embed_dim),
+            components,
+            outputs.class_logits.reshape(num_samples, self.num_classes),
+            labels,
+        )
+        if update:
+            self.memory.push(new_features, new_slots)
+            if int(self.iteration) % self.update_interval == 0:
+                self.maximization_step()
+            self.iteration += 1
+        return self.contrastive_loss(components, targets)
+
+    def contrastive_loss(self, component_log_likelihood: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Weighted CE of ``(N, C, M)`` scores against ``(N,)`` flat targets (-100: none)."""
+        scores = rearrange(component_log_likelihood, "n c m -> n (c m)")
+        has_target = targets != _NO_TARGET
+        # Summed and divided by the count rather than averaged, so that a batch
+        # without targets gives 0 (attached to the graph) instead of 0/0.
+        total = F.cross_entropy(scores, targets, ignore_index=_NO_TARGET, reduction="sum")
+        return self.contrastive_loss_weight * total / has_target.sum().clamp_min(1)
+
+    @torch.no_grad()
+    def _expectation(
+        self, embeddings: torch.Tensor, components: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """E-step on all ranks' samples.
+
+        Args:
+            embeddings: ``(N, D)``; components: ``(N, C, M)``; logits: ``(N, C)``;
+            labels: ``(N,)``.
+
+        Returns:
+            ``(targets, features, slots)``: ``(N,)`` flat component target of
+            each local sample (-100 for none); the ``(n, D)`` features of every
+            rank's correctly classified samples and their ``(n,)`` flat
+            component indices, for the memory.
+        """
+        num_samples = labels.shape[0]
+        dim, num_components = self.embed_dim, self.num_components
+        labelled = labels != self.ignore_value
+        if bool(((labels < 0) | (labels >= self.num_classes))[labelled].any()):
+            raise ValueError(
+                f"labels must be in [0, {self.num_classes}) or equal ignore_value={self.ignore_value}"
+            )
+        safe_labels = torch.where(labelled, labels, torch.zeros_like(labels))
+        own_scores = torch.gather(
+            components.detach(), 1, safe_labels.view(num_samples, 1, 1).expand(num_samples, 1, num_components)
+        ).squeeze(1)  # (N, M): scores of each sample's own class
+        # A row sum is finite iff every entry is (the values are far from
+        # overflowing: unit-norm embeddings, LayerNorm logits, log-densities),
+        # and a sum is a cheaper reduction than all().
+        finite = (
+            torch.isfinite(embeddings.sum(dim=1))
+            & torch.isfinite(logits.sum(dim=1))
+            & torch.isfinite(own_scores.sum(dim=1))
+        )
+        self._log_nonfinite(num_samples - int(finite.sum()))
+        usable = labelled & finite
+        correct = usable & (logits.argmax(dim=1) == labels)
+        takes_part = correct if self.estep_samples == "correct" else usable
+        local = torch.nonzero(takes_part).squeeze(1)
+
+        dtype = torch.promote_types(embeddings.dtype, torch.float32)
+        # One gather for everything: labels and flags are exact in float32.
+        packed = torch.cat(
+            [
+                embeddings[local].to(dtype),
+                own_scores[local].to(dtype),
+                labels[local].to(dtype)[:, None],
+                correct[local].to(dtype)[:, None],
+            ],
+            dim=1,
+        )
+        gathered, offset = all_gather_rows(packed)
+        all_features = gathered[:, :dim]
+        all_scores = gathered[:, dim : dim + num_components]
+        all_labels = gathered[:, dim + num_components].long()
+        all_correct = gathered[:, dim + num_components + 1] > 0.5
+        assigned = segmented_sinkhorn_assignment(
+            all_scores, all_labels, self.sinkhorn_iterations, self.sinkhorn_epsilon
+        )
+
+        # Samples outside the Sinkhorn (misclassified, in "correct" mode) are
+        # pulled towards the closest component of their own class.
+        no_target = torch.full_like(labels, _NO_TARGET)
+        targets = torch.where(usable, labels * num_components + own_scores.argmax(dim=1), no_target)
+        targets[local] = labels[local] * num_components + assigned[offset : offset + local.numel()]
+
+        to_memory = torch.nonzero(all_correct).squeeze(1)
+        slots = all_labels[to_memory] * num_components + assigned[to_memory]
+        return targets, all_features[to_memory], slots
+
+    @staticmethod
+    def _log_nonfinite(count: int) -> None:
+        """Record how many samples were dropped for NaN/Inf, if an event storage is active."""
+        try:
+            storage = get_event_storage()
+        except AssertionError:  # no EventStorage: not inside a Detectron2 trainer
+            return
+        storage.put_scalar("gmm/nonfinite_samples", count, smoothing_hint=False)
+
+    @torch.no_grad()
+    def maximization_step(self) -> None:
+        """Refit the components written since the last M-step from their memory."""
+        refit = self.memory.pending & (self.memory.count > 0)  # (C, M)
+        self.memory.clear_pending()
+        if not bool(refit.any()):
+            return
+        direction, variance = self.memory.statistics(refit)
+        m, m_s = self.mean_momentum, self.std_momentum
+        new_means = F.normalize(m * self.means + (1.0 - m) * direction, dim=-1)
+        new_stds = m_s * self.stds + (1.0 - m_s) * torch.sqrt(variance + self.variance_floor)
+        refit = refit.unsqueeze(-1)
+        self.means.copy_(torch.where(refit, new_means, self.means))
+        self.stds.copy_(torch.where(refit, new_stds, self.stds))
