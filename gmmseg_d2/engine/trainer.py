@@ -67,6 +67,15 @@ class Trainer(DefaultTrainer):
             self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         return super().build_hooks()
 
+    def train(self) -> Optional[Dict]:
+        """Train, then return the final evaluation results.
+
+        DefaultTrainer returns them only when ``TEST.EXPECTED_RESULTS`` is set;
+        returning them always lets tools and tests use them directly.
+        """
+        super().train()
+        return getattr(self, "_last_eval_results", None)
+
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str,
                         output_folder: Optional[str] = None) -> DatasetEvaluator:

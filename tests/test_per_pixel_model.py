@@ -1,0 +1,96 @@
+"""FCN head, softmax anomaly scores and the per-pixel segmentor."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+
+from gmmseg_d2.modeling import softmax_anomaly_score
+from gmmseg_d2.modeling.heads import FCNHead
+
+
+def _head(**overrides):
+    kwargs = dict(input_shape={"res5": ShapeSpec(channels=16, stride=8)}, num_classes=5,
+                  in_feature="res5", conv_dims=8, num_convs=2, norm="", dropout=0.0)
+    kwargs.update(overrides)
+    return FCNHead(**kwargs)
+
+
+def test_softmax_anomaly_scores_match_closed_forms():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    probs = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(1, keepdims=True)
+    msp = softmax_anomaly_score(logits, "msp", dim=1)
+    np.testing.assert_allclose(msp.numpy(), -probs.max(1), rtol=1e-6)
+    np.testing.assert_allclose(softmax_anomaly_score(logits, "max_logit", dim=1).numpy(), [-2.0, -0.5])
+    entropy = softmax_anomaly_score(logits, "entropy", dim=1).numpy()
+    np.testing.assert_allclose(entropy, -(probs * np.log(probs)).sum(1), rtol=1e-6)
+    # A uniform distribution has the largest entropy, log(C).
+    assert entropy[1] == pytest.approx(math.log(3), rel=1e-6)
+    with pytest.raises(ValueError, match="Unknown softmax anomaly score 'bogus'"):
+        softmax_anomaly_score(logits, "bogus")
+
+
+def test_fcn_head_training_loss_is_cross_entropy_at_target_size():
+    torch.manual_seed(0)
+    head = _head().train()
+    features = {"res5": torch.randn(2, 16, 4, 4)}
+    targets = torch.randint(0, 5, (2, 32, 32))
+    targets[0, :8] = 255
+    _, losses = head(features, targets)
+    with torch.no_grad():
+        logits = head.predictor(head.layers(features))
+    expected = F.cross_entropy(F.interpolate(logits, size=(32, 32), mode="bilinear",
+                                             align_corners=False), targets, ignore_index=255)
+    torch.testing.assert_close(losses["loss_sem_seg"], expected)
+
+
+@pytest.mark.parametrize("method", ["msp", "max_logit", "entropy"])
+def test_fcn_head_inference_outputs(method):
+    head = _head(anomaly_score=method, concat_input=False).eval()
+    with torch.no_grad():
+        outputs, losses = head({"res5": torch.randn(3, 16, 4, 6)})
+    assert losses == {}
+    assert outputs["sem_seg"].shape == (3, 5, 32, 48)
+    assert outputs["anomaly_score"].shape == (3, 32, 48)
+    torch.testing.assert_close(outputs["anomaly_score"],
+                               softmax_anomaly_score(outputs["sem_seg"], method, dim=1))
+
+
+def test_fcn_head_rejects_unknown_names():
+    with pytest.raises(ValueError, match="Unknown MODEL.SEM_SEG_HEAD.CLASSIFIER 'linear'"):
+        _head(classifier="linear")
+    with pytest.raises(ValueError, match="Unknown MODEL.SEM_SEG_HEAD.ANOMALY_SCORE"):
+        _head(anomaly_score="odin")
+    with pytest.raises(ValueError, match="not a backbone output"):
+        _head(in_feature="res4")
+
+
+def test_segmentor_outputs_at_original_resolution(demo_cfg):
+    model = build_model(demo_cfg).eval()
+    inputs = [{"image": torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8), "height": 192,
+               "width": 256},
+              {"image": torch.randint(0, 255, (3, 100, 90), dtype=torch.uint8)}]
+    with torch.no_grad():
+        outputs = model(inputs)
+    assert outputs[0]["sem_seg"].shape == (8, 192, 256)
+    assert outputs[0]["anomaly_score"].shape == (192, 256)
+    # Without height/width the input size is kept, padding cropped away.
+    assert outputs[1]["sem_seg"].shape == (8, 100, 90)
+    assert outputs[1]["anomaly_score"].shape == (100, 90)
+    # Softmax probabilities are in (0, 1], so -MSP is in [-1, -1/C].
+    scores = outputs[1]["anomaly_score"]
+    assert scores.max() <= -1 / 8 + 1e-6 and scores.min() >= -1.0
+
+
+def test_segmentor_training_returns_named_losses(demo_cfg):
+    model = build_model(demo_cfg).train()
+    inputs = [{"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8),
+               "sem_seg": torch.randint(0, 8, (64, 64))} for _ in range(2)]
+    losses = model(inputs)
+    assert set(losses) == {"loss_sem_seg"}
+    # Untrained classifier (std 0.01 init) ≈ uniform over 8 classes.
+    assert losses["loss_sem_seg"].item() == pytest.approx(math.log(8), abs=0.3)
