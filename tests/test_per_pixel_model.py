@@ -1,5 +1,6 @@
 """FCN head, softmax anomaly scores and the per-pixel segmentor."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -9,8 +10,14 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 
+from einops import rearrange
+
 from gmmseg_d2.modeling import softmax_anomaly_score
 from gmmseg_d2.modeling.heads import FCNHead
+from tests.conftest import REPO_ROOT
+
+
+GMM_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "fcn_R18_gmm.yaml")
 
 
 def _head(**overrides):
@@ -61,7 +68,7 @@ def test_fcn_head_inference_outputs(method):
 
 
 def test_fcn_head_rejects_unknown_names():
-    with pytest.raises(ValueError, match="Unknown MODEL.SEM_SEG_HEAD.CLASSIFIER 'linear'"):
+    with pytest.raises(ValueError, match="Unknown MODEL.SEM_SEG_HEAD.CLASSIFIER .linear.*gmm"):
         _head(classifier="linear")
     with pytest.raises(ValueError, match="Unknown MODEL.SEM_SEG_HEAD.ANOMALY_SCORE"):
         _head(anomaly_score="odin")
@@ -94,3 +101,68 @@ def test_segmentor_training_returns_named_losses(demo_cfg):
     assert set(losses) == {"loss_sem_seg"}
     # Untrained classifier (std 0.01 init) ≈ uniform over 8 classes.
     assert losses["loss_sem_seg"].item() == pytest.approx(math.log(8), abs=0.3)
+
+
+# --------------------------------------------------------------------- GMM head
+def _gmm_head(**overrides):
+    gmm_kwargs = dict(embed_dim=8, num_components=3, memory_size=50, update_interval=1)
+    return _head(classifier="gmm", gmm_kwargs=gmm_kwargs, **overrides)
+
+
+def test_gmm_head_shapes_and_density_anomaly_score():
+    from gmmseg_d2.modeling.gmm import GaussianMixtureClassifier
+
+    head = _gmm_head().eval()
+    assert isinstance(head.predictor, GaussianMixtureClassifier)
+    features = {"res5": torch.randn(2, 16, 4, 6)}
+    with torch.no_grad():
+        outputs, _ = head(features)
+        direct = head.predictor(rearrange(head.layers(features), "b c h w -> b h w c"))
+    assert outputs["sem_seg"].shape == (2, 5, 32, 48)
+    assert outputs["anomaly_score"].shape == (2, 32, 48)
+    # The score is -max_c log p(x|c) at feature resolution, then upsampled.
+    density_score = -direct.class_log_likelihood.amax(dim=-1)
+    expected = F.interpolate(density_score[:, None], size=(32, 48), mode="bilinear",
+                             align_corners=False)[:, 0]
+    torch.testing.assert_close(outputs["anomaly_score"], expected)
+    torch.testing.assert_close(
+        outputs["sem_seg"],
+        F.interpolate(rearrange(direct.class_logits, "b h w k -> b k h w"), scale_factor=8,
+                      mode="bilinear", align_corners=False))
+
+
+def test_gmm_head_trains_and_fills_memory():
+    """On separable synthetic features, the GMM head's loss falls and its memory fills."""
+    torch.manual_seed(0)
+    head = _gmm_head(num_convs=0, concat_input=False).train()
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    class_codes = torch.randn(5, 16) * 3
+    history = []
+    for step in range(40):
+        targets = torch.randint(0, 5, (4, 4, 4))
+        features = class_codes[targets].permute(0, 3, 1, 2) + 0.3 * torch.randn(4, 16, 4, 4)
+        full_targets = targets.repeat_interleave(8, 1).repeat_interleave(8, 2)
+        full_targets[:, :2] = 255
+        _, losses = head({"res5": features}, full_targets)
+        assert set(losses) == {"loss_sem_seg", "loss_gmm_component"}
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        history.append(losses["loss_sem_seg"].item())
+    assert sum(history[-5:]) / 5 < 0.5 * sum(history[:5]) / 5, history
+    memory = head.predictor.memory
+    assert (memory.count > 0).all(), memory.count  # every class and component was fed
+    assert head.predictor.iteration.item() == 40
+    # Means stay on the unit sphere after the M-steps.
+    torch.testing.assert_close(head.predictor.means.norm(dim=-1), torch.ones(5, 3))
+
+
+def test_gmm_model_from_config_loss_names(demo_cfg):
+    demo_cfg.merge_from_file(GMM_CONFIG)
+    model = build_model(demo_cfg).train()
+    assert model.sem_seg_head.predictor.memory.features.shape == (8, 5, 2000, 64)
+    inputs = [{"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8),
+               "sem_seg": torch.randint(0, 8, (64, 64))} for _ in range(2)]
+    losses = model(inputs)
+    assert set(losses) == {"loss_sem_seg", "loss_gmm_component"}
+    assert all(torch.isfinite(v) for v in losses.values())

@@ -15,12 +15,13 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from ..anomaly import SOFTMAX_ANOMALY_SCORES, softmax_anomaly_score
+from ..anomaly import SOFTMAX_ANOMALY_SCORES
+from .pixel_classifier import (
+    PIXEL_CLASSIFIERS, build_pixel_classifier, classify_feature_map, gmm_em_loss,
+    gmm_kwargs_from_config, pixel_anomaly_score,
+)
 
-__all__ = ["FCNHead", "PIXEL_CLASSIFIERS"]
-
-#: Values of ``MODEL.SEM_SEG_HEAD.CLASSIFIER`` the per-pixel heads accept.
-PIXEL_CLASSIFIERS = ("softmax",)
+__all__ = ["FCNHead"]
 
 
 def _conv_norm_relu(in_channels: int, out_channels: int, norm: str) -> Conv2d:
@@ -34,8 +35,10 @@ def _conv_norm_relu(in_channels: int, out_channels: int, norm: str) -> Conv2d:
 class FCNHead(nn.Module):
     """Fully convolutional head on a single backbone feature.
 
-    Training returns ``(None, {"loss_sem_seg": ...})``: cross-entropy of the
-    logits upsampled to the (padded) input size against the targets.
+    Training returns ``(None, losses)``: ``"loss_sem_seg"``, the cross-entropy
+    of the logits upsampled to the (padded) input size, and for the GMM
+    classifier ``"loss_gmm_component"``, its component-level loss (the EM
+    step runs as part of computing it).
     Inference returns ``(outputs, {})`` where ``outputs`` holds, at the padded
     input size, ``"sem_seg"``: logits ``(B, C, H, W)`` and ``"anomaly_score"``:
     ``(B, H, W)`` (higher = more anomalous).
@@ -57,6 +60,7 @@ class FCNHead(nn.Module):
         anomaly_score: str = "msp",
         loss_weight: float = 1.0,
         ignore_value: int = 255,
+        gmm_kwargs: Optional[Dict] = None,
     ):
         """
         Args:
@@ -68,10 +72,13 @@ class FCNHead(nn.Module):
             concat_input: fuse the convs' output with the input by a 3x3 conv.
             dropout: dropout probability before the classifier.
             norm: normalization of the convs ("" for none).
-            classifier: "softmax" (a 1x1 conv) — see :data:`PIXEL_CLASSIFIERS`.
-            anomaly_score: softmax anomaly score, one of "msp", "max_logit", "entropy".
+            classifier: "softmax" (a 1x1 conv) or "gmm" (:class:`GaussianMixtureClassifier`).
+            anomaly_score: softmax anomaly score, one of "msp", "max_logit", "entropy"
+                (GMM classifiers always score by density, ``-max_c log p(x|c)``).
             loss_weight: weight of the cross-entropy loss.
             ignore_value: target value excluded from the loss.
+            gmm_kwargs: arguments of :class:`GaussianMixtureClassifier` (the paper's
+                defaults when None); used when ``classifier == "gmm"``.
         """
         super().__init__()
         if in_feature not in input_shape:
@@ -102,9 +109,8 @@ class FCNHead(nn.Module):
         if self.conv_cat is not None:
             out_channels = conv_dims
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.predictor = nn.Conv2d(out_channels, num_classes, kernel_size=1)
-        nn.init.normal_(self.predictor.weight, std=0.01)
-        nn.init.zeros_(self.predictor.bias)
+        gmm_kwargs = {"ignore_value": ignore_value, **(gmm_kwargs or {})}
+        self.predictor = build_pixel_classifier(classifier, out_channels, num_classes, gmm_kwargs)
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -125,6 +131,7 @@ class FCNHead(nn.Module):
             "anomaly_score": head.ANOMALY_SCORE,
             "loss_weight": head.LOSS_WEIGHT,
             "ignore_value": head.IGNORE_VALUE,
+            "gmm_kwargs": gmm_kwargs_from_config(cfg),
         }
 
     def layers(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -142,10 +149,13 @@ class FCNHead(nn.Module):
             features: backbone outputs, ``{name: (B, C_i, h_i, w_i)}``.
             targets: ``(B, H, W)`` int64 labels at the padded input size (training).
         """
-        logits = self.predictor(self.layers(features))
+        logits, gmm_output = classify_feature_map(self.predictor, self.layers(features))
         if self.training:
-            return None, self.losses(logits, targets)
-        return self.inference(logits), {}
+            losses = self.losses(logits, targets)
+            if gmm_output is not None:
+                losses["loss_gmm_component"] = gmm_em_loss(self.predictor, gmm_output, targets)
+            return None, losses
+        return self.inference(logits, gmm_output), {}
 
     def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Cross-entropy at the target resolution; ``logits (B, C, h, w)``, ``targets (B, H, W)``."""
@@ -154,12 +164,13 @@ class FCNHead(nn.Module):
         loss = F.cross_entropy(logits, targets, reduction="mean", ignore_index=self.ignore_value)
         return {"loss_sem_seg": loss * self.loss_weight}
 
-    def inference(self, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def inference(self, logits: torch.Tensor, gmm_output=None) -> Dict[str, torch.Tensor]:
         """Logits ``(B, C, h, w)`` → outputs at ``stride`` times their size (the padded
         input size, up to rounding that ``sem_seg_postprocess`` crops away)."""
         logits = F.interpolate(logits.float(), scale_factor=self.feature_stride,
                                mode="bilinear", align_corners=False)
         return {
             "sem_seg": logits,
-            "anomaly_score": softmax_anomaly_score(logits, self.anomaly_score_method, dim=1),
+            "anomaly_score": pixel_anomaly_score(self.predictor, logits, gmm_output,
+                                                 self.anomaly_score_method),
         }

@@ -1,0 +1,102 @@
+"""The per-pixel classifier of a segmentation head: softmax (1x1 conv) or GMM.
+
+Heads keep the classifier under Detectron2's usual attribute name
+``predictor``, whichever kind it is, and use the functions here so that
+everything downstream of the classifier is shared:
+
+* :func:`build_pixel_classifier` — ``nn.Conv2d`` for ``"softmax"``,
+  :class:`GaussianMixtureClassifier` for ``"gmm"``.
+* :func:`classify_feature_map` — class logits ``(B, K, h, w)`` (and the GMM's
+  full output, needed by its EM step and anomaly score).
+* :func:`gmm_em_loss` — the GMM's EM step on labels resized (nearest) to the
+  feature resolution, as the official code does; returns its component loss.
+* :func:`pixel_anomaly_score` — the density score ``-max_c log p(x|c)`` for the
+  GMM, or a softmax score (MSP / max-logit / entropy), at the output size.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ..anomaly import softmax_anomaly_score
+from ..gmm import GaussianMixtureClassifier, GMMClassifierOutput
+
+__all__ = [
+    "PIXEL_CLASSIFIERS", "build_pixel_classifier", "gmm_kwargs_from_config", "classify_feature_map", "gmm_em_loss",
+    "pixel_anomaly_score",
+]
+
+#: Values of ``MODEL.SEM_SEG_HEAD.CLASSIFIER``.
+PIXEL_CLASSIFIERS = ("softmax", "gmm")
+
+
+def gmm_kwargs_from_config(cfg) -> Dict:
+    """:class:`GaussianMixtureClassifier` arguments from ``cfg.MODEL.GMM``, minus the sizes."""
+    kwargs = GaussianMixtureClassifier.from_config(cfg, in_channels=0, num_classes=0)
+    return {k: v for k, v in kwargs.items() if k not in ("in_channels", "num_classes")}
+
+
+def build_pixel_classifier(kind: str, in_channels: int, num_classes: int,
+                           gmm_kwargs: Optional[Dict] = None) -> nn.Module:
+    """A softmax 1x1 conv or a GMM classifier from ``in_channels`` to ``num_classes``.
+
+    ``gmm_kwargs`` go to :class:`GaussianMixtureClassifier` (its defaults are
+    the paper's); see :func:`gmm_kwargs_from_config`.
+    """
+    if kind == "softmax":
+        predictor = nn.Conv2d(in_channels, num_classes, kernel_size=1)
+        nn.init.normal_(predictor.weight, std=0.01)
+        nn.init.zeros_(predictor.bias)
+        return predictor
+    if kind == "gmm":
+        return GaussianMixtureClassifier(in_channels=in_channels, num_classes=num_classes,
+                                         **(gmm_kwargs or {}))
+    raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.CLASSIFIER {kind!r}; "
+                     f"choose one of {PIXEL_CLASSIFIERS}")
+
+
+def classify_feature_map(predictor: nn.Module, features: torch.Tensor
+                         ) -> Tuple[torch.Tensor, Optional[GMMClassifierOutput]]:
+    """Features ``(B, C_feat, h, w)`` → logits ``(B, K, h, w)`` and the GMM output or None.
+
+    The GMM output keeps the pixel grid: ``component_log_likelihood`` is
+    ``(B, h, w, K, M)``.
+    """
+    if isinstance(predictor, GaussianMixtureClassifier):
+        output = predictor(rearrange(features, "b c h w -> b h w c"))
+        return rearrange(output.class_logits, "b h w k -> b k h w"), output
+    return predictor(features), None
+
+
+def gmm_em_loss(predictor: GaussianMixtureClassifier, output: GMMClassifierOutput,
+                targets: torch.Tensor) -> torch.Tensor:
+    """Run the GMM's EM step for one batch; returns its weighted component loss.
+
+    Args:
+        output: :func:`classify_feature_map`'s GMM output on a ``(B, h, w)`` grid.
+        targets: ``(B, H, W)`` labels at the input size; nearest-resized to
+            ``(h, w)`` so each feature gets the label under its centre.
+    """
+    grid = output.class_logits.shape[1:3]
+    labels = F.interpolate(targets[:, None].float(), size=grid, mode="nearest")[:, 0].long()
+    return predictor.em_step(output, labels)
+
+
+def pixel_anomaly_score(predictor: nn.Module, logits: torch.Tensor,
+                        gmm_output: Optional[GMMClassifierOutput], softmax_method: str
+                        ) -> torch.Tensor:
+    """Per-pixel anomaly score ``(B, H, W)``, higher = more anomalous.
+
+    Args:
+        logits: class logits ``(B, K, H, W)`` already at the output size.
+        gmm_output: the GMM output at feature resolution (GMM classifiers).
+        softmax_method: "msp", "max_logit" or "entropy" (softmax classifiers).
+    """
+    if gmm_output is None:
+        return softmax_anomaly_score(logits, softmax_method, dim=1)
+    # The density score lives at feature resolution; interpolating the score
+    # (not the densities' arguments) keeps it a smooth map of -log p(x|c).
+    score = predictor.anomaly_score(gmm_output)[:, None]
+    return F.interpolate(score, size=logits.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
