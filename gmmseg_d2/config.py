@@ -76,7 +76,36 @@ def add_gmmseg_config(cfg: CN) -> None:
     # ~1e-3 relative rounding of the stored unit-norm features.
     cfg.MODEL.GMM.MEMORY_DTYPE = "float32"
 
+    # ------------------------------------------- DeepLabV3+ head (GMMSegDeepLabV3PlusHead)
+    # Otherwise it reads Detectron2's DeepLab keys (ASPP_*, PROJECT_CHANNELS,
+    # CONVS_DIM, COMMON_STRIDE, USE_DEPTHWISE_SEPARABLE_CONV, LOSS_TYPE) and
+    # the shared CLASSIFIER / ANOMALY_SCORE / DROPOUT (dropout before the
+    # classifier) above. ASPP image pooling: "global" (global average pooling,
+    # as mmsegmentation; any test size) or "crop" (Detectron2's
+    # DeepLabV3PlusHead: an average pool the size of the INPUT.CROP.SIZE
+    # feature map, which test feature maps must be multiples of).
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_POOLING = "global"
+
     # ------------------------------------------------------------------ test
     # Which anomaly scores the demo/benchmarks report (in addition to the
     # model's default ``anomaly_score`` output).
     cfg.TEST.VISUALIZE = True
+
+    # ---------------------------------------------- sliding-window inference
+    # PerPixelSegmentor at test time: whole-image inference by default; when
+    # ENABLED, each image is cut into WINDOW-sized (h, w) windows every STRIDE
+    # (h, w) pixels, the last window of each row/column aligned to the image
+    # border (images smaller than WINDOW are padded, the padding cropped from
+    # the result). Logits and anomaly scores of overlapping windows are
+    # blended per pixel with weights: "uniform" (plain average) or "gaussian"
+    # (a 2-D Gaussian peaked at the window centre, std GAUSSIAN_SIGMA x the
+    # window size in each dimension, as nnU-Net's 1/8).
+    cfg.TEST.SLIDING_WINDOW = CN()
+    cfg.TEST.SLIDING_WINDOW.ENABLED = False
+    cfg.TEST.SLIDING_WINDOW.WINDOW = (512, 512)
+    # ~2/3 of the window, as mmsegmentation's slide configs (512/341, 769/513).
+    cfg.TEST.SLIDING_WINDOW.STRIDE = (341, 341)
+    cfg.TEST.SLIDING_WINDOW.BLENDING = "uniform"
+    cfg.TEST.SLIDING_WINDOW.GAUSSIAN_SIGMA = 0.125
+    # Windows of one image that go through the model together (memory bound).
+    cfg.TEST.SLIDING_WINDOW.WINDOWS_PER_BATCH = 8

@@ -41,3 +41,18 @@ def demo_cfg():
     cfg.merge_from_file(DEMO_CONFIG)
     cfg.MODEL.DEVICE = "cpu"
     return cfg
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one intra-op thread (restored afterwards).
+
+    Tests of small tensor kernels stall on OpenMP barriers when another job
+    holds the machine's second core; one thread keeps them fast and stable.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -9,12 +9,8 @@ from gmmseg_d2.modeling.gmm import GaussianMixtureClassifier, diagonal_gaussian_
 DIM, NUM_CLASSES, NUM_COMPONENTS = 8, 2, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Small kernels are timing-sensitive to a shared second core; see conftest.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TrueMixture:

@@ -10,14 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gmmseg_d2.modeling.gmm import diagonal_gaussian_log_likelihood
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI box has 2 cores shared with other jobs; one thread avoids OpenMP
-    # spin-waiting that makes small ops 10x slower under contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Small kernels are timing-sensitive to a shared second core; see conftest.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference(x: torch.Tensor, means: torch.Tensor, stds: torch.Tensor) -> torch.Tensor:

@@ -1,3 +1,4 @@
+from .deeplab_head import GMMSegDeepLabV3PlusHead
 from .fcn_head import FCNHead
 from .pixel_classifier import (
     PIXEL_CLASSIFIERS, build_pixel_classifier, classify_feature_map, gmm_em_loss,
@@ -5,6 +6,6 @@ from .pixel_classifier import (
 )
 
 __all__ = [
-    "FCNHead", "PIXEL_CLASSIFIERS", "build_pixel_classifier", "classify_feature_map",
-    "gmm_em_loss", "gmm_kwargs_from_config", "pixel_anomaly_score",
+    "FCNHead", "GMMSegDeepLabV3PlusHead", "PIXEL_CLASSIFIERS", "build_pixel_classifier",
+    "classify_feature_map", "gmm_em_loss", "gmm_kwargs_from_config", "pixel_anomaly_score",
 ]

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Softmax vs GMM per-pixel models on the embedded mosaic: accuracy, anomaly, speed.
+
+For every (config, seed) this trains the model with ``tools/train_net.py``
+(same schedule and seed for both classifiers), then evaluates the checkpoint
+once per anomaly score the model offers — the GMM density score for GMM
+models; MSP, max-logit and entropy for softmax models — and reports:
+
+* mIoU / pixel accuracy on ``mosaic_sem_seg_val``,
+* AP / FPR95 / AUROC on ``mosaic_anomaly_val`` for each anomaly score,
+* median training step time (Detectron2's ``time`` in ``metrics.json``) and
+  inference time per image, with the GMM/softmax ratio of the step time.
+
+    python benchmarks/mosaic_per_pixel.py --configs fcn_R18 --seeds 0 \
+        --output-dir output/benchmarks/mosaic
+
+Runs are sequential (the machine's cores are shared by one run at a time), so
+the step-time ratio compares runs made back to back on the same machine.
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOFTMAX_SCORES = ("msp", "max_logit", "entropy")
+
+
+def run(command: List[str], log_path: str) -> str:
+    """Run ``command`` from the repo root, tee its output into ``log_path``."""
+    with open(log_path, "w") as log:
+        process = subprocess.run(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        log.write(process.stdout)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed; see {log_path}")
+    return process.stdout
+
+
+def median_step_time(output_dir: str) -> float:
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        times = [json.loads(line)["time"] for line in f if '"time"' in line]
+    if not times:
+        raise ValueError(f"No step times in {output_dir}/metrics.json")
+    return statistics.median(times)
+
+
+def inference_seconds_per_image(log: str) -> Optional[float]:
+    """Detectron2's 'Total inference pure compute time' line of the first dataset."""
+    match = re.search(r"Total inference pure compute time: .*?\(([\d.]+) s / iter", log)
+    return float(match.group(1)) if match else None
+
+
+def train_and_evaluate(config: str, seed: int, output_root: str, python: str,
+                       extra_opts: List[str]) -> Dict:
+    name = f"{os.path.splitext(os.path.basename(config))[0]}_seed{seed}"
+    output_dir = os.path.join(output_root, name)
+    os.makedirs(output_dir, exist_ok=True)
+    train_cmd = [python, "tools/train_net.py", "--config-file", config,
+                 "SEED", str(seed), "OUTPUT_DIR", output_dir, *extra_opts]
+    print(f"[benchmark] training {name}", flush=True)
+    run(train_cmd, os.path.join(output_dir, "train.log"))
+    with open(os.path.join(output_dir, "eval_results.json")) as f:
+        results = json.load(f)
+    record = {
+        "config": config, "seed": seed,
+        "mIoU": results["mosaic_sem_seg_val"]["sem_seg"]["mIoU"],
+        "pACC": results["mosaic_sem_seg_val"]["sem_seg"]["pACC"],
+        "step_time": median_step_time(output_dir),
+        "anomaly": {},
+    }
+    is_gmm = "gmm" in os.path.basename(config)
+    scores = ["density"] if is_gmm else list(SOFTMAX_SCORES)
+    weights = os.path.join(output_dir, "model_final.pth")
+    for score in scores:
+        eval_dir = os.path.join(output_dir, f"eval_{score}")
+        opts = ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", eval_dir, *extra_opts]
+        if not is_gmm:
+            opts += ["MODEL.SEM_SEG_HEAD.ANOMALY_SCORE", score]
+        log = run([python, "tools/train_net.py", "--config-file", config, "--eval-only", *opts],
+                  os.path.join(output_dir, f"eval_{score}.log"))
+        with open(os.path.join(eval_dir, "eval_results.json")) as f:
+            record["anomaly"][score] = json.load(f)["mosaic_anomaly_val"]["anomaly"]
+        record.setdefault("inference_time", inference_seconds_per_image(log))
+    return record
+
+
+def format_table(records: List[Dict]) -> str:
+    lines = ["| model | seed | mIoU | pixel acc | anomaly score | AP | FPR95 | AUROC | "
+             "step s | step ratio vs softmax | inference s/img |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    softmax_step = {}
+    for r in records:
+        if "softmax" in r["config"]:
+            softmax_step[(r["config"].replace("softmax", ""), r["seed"])] = r["step_time"]
+    for r in records:
+        base = softmax_step.get((r["config"].replace("gmm", ""), r["seed"]))
+        ratio = f"{r['step_time'] / base:.2f}" if base else "-"
+        for score, m in r["anomaly"].items():
+            lines.append(
+                f"| {os.path.basename(r['config'])} | {r['seed']} | {r['mIoU']:.2f} | {r['pACC']:.2f} "
+                f"| {score} | {m['AP']:.2f} | {m['FPR95']:.2f} | {m['AUROC']:.2f} "
+                f"| {r['step_time']:.3f} | {ratio} | {r['inference_time'] or float('nan'):.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["fcn_R18", "deeplabv3plus_R18"],
+                        help="mosaic model families; each runs as <name>_softmax and <name>_gmm")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--output-dir", default="output/benchmarks/mosaic")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    args = parser.parse_args()
+    records = []
+    for family in args.configs:
+        for seed in args.seeds:
+            for kind in ("softmax", "gmm"):
+                config = os.path.join("configs", "mosaic", f"{family}_{kind}.yaml")
+                records.append(train_and_evaluate(config, seed, args.output_dir, sys.executable,
+                                                  args.opts))
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(records, f, indent=2)
+    print(format_table(records))
+
+
+if __name__ == "__main__":
+    main()
