@@ -7,10 +7,16 @@ from collections import OrderedDict
 from typing import Dict, Optional
 
 import torch
+import torch.distributed as dist
 
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, default_setup
 from detectron2.evaluation import DatasetEvaluator, SemSegEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -21,8 +27,9 @@ from ..evaluation import AnomalyEvaluator
 from ..solver import build_lr_scheduler, build_optimizer
 from ..utils import read_label_map
 from .checkpointer import AtomicDetectionCheckpointer, atomic_write_bytes
+from .resumable import IterationSeedHook, ResumableTrainingStream, find_stream
 
-__all__ = ["Trainer", "setup_cfg", "write_eval_results"]
+__all__ = ["Trainer", "setup_cfg", "training_seed", "write_eval_results"]
 
 EVAL_RESULTS_FILE = "eval_results.json"
 
@@ -56,16 +63,82 @@ def write_eval_results(results: Dict, output_dir: str) -> str:
     return path
 
 
+def training_seed(cfg: CfgNode) -> int:
+    """``cfg.SEED``, or a random seed shared by all ranks when it is negative.
+
+    With a negative seed every rank must call this (it all-gathers).
+    """
+    return int(cfg.SEED) if cfg.SEED >= 0 else int(comm.shared_random_seed())
+
+
+def broadcast_buffers_from_main_process(model: torch.nn.Module) -> None:
+    """Copy every buffer of ``model`` from rank 0 to all ranks (once; a no-op in one process)."""
+    if comm.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for buffer in model.buffers():
+            # gloo has no bool collectives; a same-size byte view is bit-identical.
+            dist.broadcast(buffer.view(torch.uint8) if buffer.dtype == torch.bool else buffer, src=0)
+
+
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with gmmseg_d2's mappers, evaluators, optimizer and schedules."""
+    """DefaultTrainer with gmmseg_d2's mappers, evaluators, optimizer and schedules.
+
+    Training resumes bit-for-bit (see :mod:`gmmseg_d2.engine.resumable`): the
+    train loader is a :class:`ResumableTrainingStream` that starts at the
+    resumed iteration, and :class:`IterationSeedHook` reseeds the RNGs before
+    every step; the seed travels in the checkpoint with the trainer state, the
+    model's buffers (BN statistics, the GMM's means/stds/memory/iteration)
+    with the model, optimizer and LR scheduler states as in Detectron2.
+    """
+
+    def __init__(self, cfg: CfgNode) -> None:
+        # DefaultTrainer.__init__, except for the DDP wrapper: Detectron2 always
+        # passes device_ids=[local_rank], which DistributedDataParallel rejects
+        # for a CPU model, so multi-process training on CPU (gloo) failed.
+        TrainerBase.__init__(self)
+        logger = logging.getLogger("detectron2")
+        if not logger.isEnabledFor(logging.INFO):  # setup_logger is not called for d2
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        # broadcast_buffers=False: the GMM's buffers (memory included) are kept
+        # equal on all ranks by construction, see GaussianMixtureClassifier,
+        # provided they start equal. DDP broadcasts the parameters at
+        # construction but, with broadcast_buffers=False, not the buffers, and
+        # Detectron2 seeds each rank differently, so the randomly initialised
+        # GMM means would differ between ranks: broadcast the buffers once.
+        broadcast_buffers_from_main_process(model)
+        model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+
+        self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
-        # DefaultTrainer builds a plain DetectionCheckpointer in __init__ just
-        # before calling build_hooks; swap in the atomic one so the periodic
+        # self.checkpointer is the atomic one (see __init__), so the periodic
         # checkpoint hook and --resume both use it.
-        self.checkpointer = AtomicDetectionCheckpointer(
-            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        return super().build_hooks()
+        stream = find_stream(self._trainer.data_loader)
+        seed = stream.seed if stream is not None else training_seed(self.cfg)
+        # First, so that every other hook's before_step already sees the step's RNG state.
+        return [IterationSeedHook(seed, stream)] + super().build_hooks()
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        super().resume_or_load(resume=resume)
+        stream = find_stream(self._trainer.data_loader)
+        if stream is not None:
+            # Before the loader's first iter(), which copies the stream to its workers.
+            stream.start_iteration = self.start_iter
 
     def train(self) -> Optional[Dict]:
         """Train, then return the final evaluation results.
@@ -96,7 +169,18 @@ class Trainer(DefaultTrainer):
         if cfg.INPUT.DATASET_MAPPER_NAME != "per_pixel_semantic":
             raise ValueError(f"Unknown INPUT.DATASET_MAPPER_NAME {cfg.INPUT.DATASET_MAPPER_NAME!r}; "
                              "available: 'per_pixel_semantic'")
-        return build_detection_train_loader(cfg, mapper=PerPixelSemanticDatasetMapper(cfg, True))
+        mapper = PerPixelSemanticDatasetMapper(cfg, True)
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            logging.getLogger(__name__).warning(
+                f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN!r}: using Detectron2's train "
+                "loader, whose data order is not restored exactly by --resume")
+            return build_detection_train_loader(cfg, mapper=mapper)
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        # Batches are consecutive samples of the stream: ASPECT_RATIO_GROUPING
+        # does not apply (crops and ImageList padding make it moot here).
+        stream = ResumableTrainingStream(dataset, mapper, cfg.SOLVER.IMS_PER_BATCH, seed=training_seed(cfg))
+        return stream.build_loader(num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
