@@ -5,10 +5,12 @@
         "softmax (recorded)=benchmarks/recorded/mosaic_fcn_R18_softmax_seed0.json"
 """
 import argparse
+import warnings
 import json
 import os
 import sys
 
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gmmseg_d2.utils.results_table import format_results_table  # noqa: E402
 
