@@ -17,7 +17,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data import detection_utils as utils  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 

@@ -36,8 +36,7 @@ from detectron2.projects.deeplab.semantic_seg import DeepLabV3PlusHead
 
 from ..anomaly import SOFTMAX_ANOMALY_SCORES
 from .pixel_classifier import (
-    PIXEL_CLASSIFIERS, build_pixel_classifier, classify_feature_map, gmm_em_loss,
-    gmm_kwargs_from_config, pixel_anomaly_score,
+    PIXEL_CLASSIFIERS, PixelClassifierHeadMixin, build_pixel_classifier, gmm_kwargs_from_config,
 )
 
 __all__ = ["GMMSegDeepLabV3PlusHead", "ASPP_POOLING_MODES", "DEEPLAB_LOSS_TYPES"]
@@ -49,7 +48,7 @@ DEEPLAB_LOSS_TYPES = ("cross_entropy", "hard_pixel_mining")
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class GMMSegDeepLabV3PlusHead(DeepLabV3PlusHead):
+class GMMSegDeepLabV3PlusHead(PixelClassifierHeadMixin, DeepLabV3PlusHead):
     """DeepLabV3+ decoder (Detectron2's) + softmax or GMM classifier.
 
     Same contract as :class:`FCNHead`: training returns ``(None, losses)``
@@ -157,6 +156,8 @@ class GMMSegDeepLabV3PlusHead(DeepLabV3PlusHead):
         self.anomaly_score_method = anomaly_score
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         gmm_kwargs = {"ignore_value": ignore_value, **(gmm_kwargs or {})}
+        # Decoder features are at the smallest input stride (checked above).
+        self.output_stride = common_stride
         self.predictor = build_pixel_classifier(classifier, decoder_channels[0], num_classes,
                                                 gmm_kwargs)
         if loss_type == "cross_entropy":
@@ -208,27 +209,10 @@ class GMMSegDeepLabV3PlusHead(DeepLabV3PlusHead):
             features: backbone outputs, ``{name: (B, C_i, h_i, w_i)}``.
             targets: ``(B, H, W)`` int64 labels at the padded input size (training).
         """
-        embedding = self.dropout(self.decoder_features(features))
-        logits, gmm_output = classify_feature_map(self.predictor, embedding)
-        if self.training:
-            losses = self.losses(logits, targets)
-            if gmm_output is not None:
-                losses["loss_gmm_component"] = gmm_em_loss(self.predictor, gmm_output, targets)
-            return None, losses
-        return self.inference(logits, gmm_output), {}
+        return self.predict(self.dropout(self.decoder_features(features)), targets)
 
     def losses(self, predictions: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Classification loss of logits ``(B, C, h, w)`` upsampled to ``targets (B, H, W)``."""
         predictions = F.interpolate(predictions.float(), size=targets.shape[-2:], mode="bilinear",
                                     align_corners=False)
         return {"loss_sem_seg": self.loss(predictions, targets) * self.loss_weight}
-
-    def inference(self, logits: torch.Tensor, gmm_output=None) -> Dict[str, torch.Tensor]:
-        """Logits ``(B, C, h, w)`` → outputs at ``common_stride`` times their size."""
-        logits = F.interpolate(logits.float(), scale_factor=self.common_stride, mode="bilinear",
-                               align_corners=False)
-        return {
-            "sem_seg": logits,
-            "anomaly_score": pixel_anomaly_score(self.predictor, logits, gmm_output,
-                                                 self.anomaly_score_method),
-        }

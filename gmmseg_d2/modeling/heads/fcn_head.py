@@ -4,7 +4,7 @@
 3x3 fusion of their output with the input (``CONCAT_INPUT``), dropout, then a
 per-pixel classifier selected by ``MODEL.SEM_SEG_HEAD.CLASSIFIER``.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -17,8 +17,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from ..anomaly import SOFTMAX_ANOMALY_SCORES
 from .pixel_classifier import (
-    PIXEL_CLASSIFIERS, build_pixel_classifier, classify_feature_map, gmm_em_loss,
-    gmm_kwargs_from_config, pixel_anomaly_score,
+    PIXEL_CLASSIFIERS, PixelClassifierHeadMixin, build_pixel_classifier, gmm_kwargs_from_config,
 )
 
 __all__ = ["FCNHead"]
@@ -32,7 +31,7 @@ def _conv_norm_relu(in_channels: int, out_channels: int, norm: str) -> Conv2d:
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class FCNHead(nn.Module):
+class FCNHead(PixelClassifierHeadMixin, nn.Module):
     """Fully convolutional head on a single backbone feature.
 
     Training returns ``(None, losses)``: ``"loss_sem_seg"``, the cross-entropy
@@ -98,7 +97,7 @@ class FCNHead(nn.Module):
         self.classifier_name = classifier
 
         in_channels = input_shape[in_feature].channels
-        self.feature_stride = input_shape[in_feature].stride
+        self.output_stride = input_shape[in_feature].stride
         self.convs = nn.Sequential(*[
             _conv_norm_relu(in_channels if i == 0 else conv_dims, conv_dims, norm)
             for i in range(num_convs)
@@ -149,13 +148,7 @@ class FCNHead(nn.Module):
             features: backbone outputs, ``{name: (B, C_i, h_i, w_i)}``.
             targets: ``(B, H, W)`` int64 labels at the padded input size (training).
         """
-        logits, gmm_output = classify_feature_map(self.predictor, self.layers(features))
-        if self.training:
-            losses = self.losses(logits, targets)
-            if gmm_output is not None:
-                losses["loss_gmm_component"] = gmm_em_loss(self.predictor, gmm_output, targets)
-            return None, losses
-        return self.inference(logits, gmm_output), {}
+        return self.predict(self.layers(features), targets)
 
     def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Cross-entropy at the target resolution; ``logits (B, C, h, w)``, ``targets (B, H, W)``."""
@@ -163,14 +156,3 @@ class FCNHead(nn.Module):
                                align_corners=False)
         loss = F.cross_entropy(logits, targets, reduction="mean", ignore_index=self.ignore_value)
         return {"loss_sem_seg": loss * self.loss_weight}
-
-    def inference(self, logits: torch.Tensor, gmm_output=None) -> Dict[str, torch.Tensor]:
-        """Logits ``(B, C, h, w)`` → outputs at ``stride`` times their size (the padded
-        input size, up to rounding that ``sem_seg_postprocess`` crops away)."""
-        logits = F.interpolate(logits.float(), scale_factor=self.feature_stride,
-                               mode="bilinear", align_corners=False)
-        return {
-            "sem_seg": logits,
-            "anomaly_score": pixel_anomaly_score(self.predictor, logits, gmm_output,
-                                                 self.anomaly_score_method),
-        }

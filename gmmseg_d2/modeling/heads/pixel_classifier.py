@@ -24,7 +24,8 @@ from ..anomaly import softmax_anomaly_score
 from ..gmm import GaussianMixtureClassifier, GMMClassifierOutput
 
 __all__ = [
-    "PIXEL_CLASSIFIERS", "build_pixel_classifier", "gmm_kwargs_from_config", "classify_feature_map", "gmm_em_loss",
+    "PIXEL_CLASSIFIERS", "PixelClassifierHeadMixin", "build_pixel_classifier",
+    "gmm_kwargs_from_config", "classify_feature_map", "gmm_em_loss",
     "pixel_anomaly_score",
 ]
 
@@ -100,3 +101,41 @@ def pixel_anomaly_score(predictor: nn.Module, logits: torch.Tensor,
     # (not the densities' arguments) keeps it a smooth map of -log p(x|c).
     score = predictor.anomaly_score(gmm_output)[:, None]
     return F.interpolate(score, size=logits.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
+class PixelClassifierHeadMixin:
+    """The part of a per-pixel head after its final feature map, shared by all heads.
+
+    A head using it has ``self.predictor`` (from :func:`build_pixel_classifier`),
+    ``self.output_stride`` (input size / feature map size),
+    ``self.anomaly_score_method`` and a ``losses(logits, targets)`` method with
+    its own classification loss; it calls :meth:`predict` from ``forward``.
+    """
+
+    def predict(self, feature_map: torch.Tensor, targets: Optional[torch.Tensor] = None
+                ) -> Tuple[Optional[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
+        """Feature map ``(B, C_feat, h, w)`` → the head's ``(outputs, losses)`` pair.
+
+        Training: ``(None, losses)`` with ``"loss_sem_seg"`` and, for the GMM,
+        ``"loss_gmm_component"`` (its EM step runs here). Inference:
+        ``({"sem_seg": (B, K, H, W), "anomaly_score": (B, H, W)}, {})``.
+        """
+        logits, gmm_output = classify_feature_map(self.predictor, feature_map)
+        if self.training:
+            losses = self.losses(logits, targets)
+            if gmm_output is not None:
+                losses["loss_gmm_component"] = gmm_em_loss(self.predictor, gmm_output, targets)
+            return None, losses
+        return self.inference(logits, gmm_output), {}
+
+    def inference(self, logits: torch.Tensor, gmm_output: Optional[GMMClassifierOutput] = None
+                  ) -> Dict[str, torch.Tensor]:
+        """Logits ``(B, K, h, w)`` → outputs at ``output_stride`` times their size (the
+        padded input size, up to rounding that ``sem_seg_postprocess`` crops away)."""
+        logits = F.interpolate(logits.float(), scale_factor=self.output_stride, mode="bilinear",
+                               align_corners=False)
+        return {
+            "sem_seg": logits,
+            "anomaly_score": pixel_anomaly_score(self.predictor, logits, gmm_output,
+                                                 self.anomaly_score_method),
+        }
