@@ -166,3 +166,66 @@ def test_gmm_model_from_config_loss_names(demo_cfg):
     losses = model(inputs)
     assert set(losses) == {"loss_sem_seg", "loss_gmm_component"}
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_gmm_model_learns_and_fills_memory_on_mosaic_batches(demo_cfg, small_mosaic_root, one_torch_thread):
+    """The full GMM model (R18 + FCN + GMM) on real mosaic batches: loss falls, memory fills by class."""
+    from detectron2.data import DatasetCatalog
+
+    from gmmseg_d2.data.dataset_mappers import PerPixelSemanticDatasetMapper
+
+    demo_cfg.merge_from_file(GMM_CONFIG)
+    demo_cfg.merge_from_list([
+        "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+        "INPUT.CROP.SIZE", "(64, 64)", "MODEL.GMM.MEMORY_SIZE", "64", "MODEL.GMM.UPDATE_INTERVAL", "2",
+    ])
+    torch.manual_seed(0)
+    np.random.seed(0)
+    model = build_model(demo_cfg).train()
+    mapper = PerPixelSemanticDatasetMapper(demo_cfg, is_train=True)
+    records = DatasetCatalog.get("mosaic_sem_seg_train")[:12]
+    batches = [[mapper(dict(r)) for r in records[i:i + 4]] for i in range(0, 12, 4)]
+    labels = torch.stack([s["sem_seg"] for b in batches for s in b])
+    present = set(labels.unique().tolist()) - {255}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    passes = []
+    for _ in range(6):  # six passes over three fixed batches: 18 steps, 9 M-steps
+        losses_this_pass = []
+        for batch in batches:
+            losses = model(batch)
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+            losses_this_pass.append(losses["loss_sem_seg"].item())
+        passes.append(sum(losses_this_pass) / len(losses_this_pass))
+    assert passes[-1] < 0.9 * passes[0], passes  # measured: 2.34 -> 1.80
+
+    classifier = model.sem_seg_head.predictor
+    memory = classifier.memory
+    fed = (memory.count.sum(dim=1) > 0).nonzero().flatten().tolist()
+    # Memory is written only for classes in the labels; every class that is
+    # present is classified correctly somewhere after a few passes.
+    assert set(fed) <= present, (fed, present)
+    assert len(fed) >= len(present) - 1, (fed, present)
+    stored = memory.features[memory.count > 0]  # (components, K, D) slots, some unfilled
+    filled = stored[stored.norm(dim=-1) > 0]
+    torch.testing.assert_close(filled.norm(dim=-1), torch.ones(len(filled)), atol=1e-3, rtol=0)
+    # The memory of a class holds that class's embeddings: its mean is closer
+    # to the mean embedding of the class's pixels than to any other class's.
+    # Batch statistics, as in the steps that wrote the memory (18 steps leave
+    # BatchNorm's running averages far from them); no dropout.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    with torch.no_grad():
+        images = torch.stack([s["image"] for b in batches for s in b]).float()
+        images = (images - model.pixel_mean) / model.pixel_std
+        feature_map = model.sem_seg_head.layers(model.backbone(images))
+        embeddings = classifier(rearrange(feature_map, "b c h w -> b h w c")).embeddings
+    small_labels = F.interpolate(labels[:, None].float(), size=embeddings.shape[1:3], mode="nearest")[:, 0].long()
+    class_means = {c: F.normalize(embeddings[small_labels == c].mean(0), dim=0) for c in fed}
+    for c in fed:
+        slots = memory.features[c][memory.features[c].norm(dim=-1) > 0]
+        memory_mean = F.normalize(slots.float().mean(0), dim=0)
+        similarity = {k: float(memory_mean @ v) for k, v in class_means.items()}
+        assert max(similarity, key=similarity.get) == c, (c, similarity)

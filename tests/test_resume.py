@@ -1,5 +1,9 @@
 """Exact --resume: N iterations straight == N/2, interruption, --resume, N/2 more.
 
+The suite runs N = 20 (three short trainings, ~1 min on 2 cores);
+``GMMSEG_RESUME_TEST_ITERS=2000 pytest tests/test_resume.py`` runs the issue's
+2k-iteration version of the same test (~25 min on 2 cores).
+
 The interruption is a real one: both runs use the same config (MAX_ITER N, so
 the same LR schedule); the interrupted run writes its periodic checkpoint
 after iteration N/2 - 1 and a hook then raises, as a crash would.
@@ -19,7 +23,9 @@ from tests.conftest import REPO_ROOT
 from tests.test_train_net import _load_train_net
 
 GMM_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "fcn_R18_gmm.yaml")
-N = 20
+N = int(os.environ.get("GMMSEG_RESUME_TEST_ITERS", 20))
+if N < 4 or N % 2:
+    raise ValueError(f"GMMSEG_RESUME_TEST_ITERS must be an even number >= 4, got {N}")
 
 TINY_OPTS = [
     "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32",
