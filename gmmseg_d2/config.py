@@ -7,7 +7,104 @@ their names and defaults there, so their YAML files merge unchanged.
 from detectron2.config import CfgNode as CN
 from detectron2.projects.deeplab import add_deeplab_config
 
-__all__ = ["add_gmmseg_config"]
+__all__ = ["add_gmmseg_config", "add_maskformer2_config"]
+
+
+def add_maskformer2_config(cfg: CN) -> None:
+    """Add Mask2Former's config keys to ``cfg`` in place.
+
+    The keys and defaults are exactly those of the official
+    ``mask2former.config.add_maskformer2_config`` (facebookresearch/Mask2Former),
+    so that its YAML files merge unchanged. It is called by
+    :func:`add_gmmseg_config`; call it directly only to build a config that
+    holds Mask2Former's keys and nothing of gmmseg_d2's.
+    """
+    # ------------------------------------------------------------ data
+    # Which dataset mapper the trainer builds for training.
+    cfg.INPUT.DATASET_MAPPER_NAME = "mask_former_semantic"
+    cfg.INPUT.COLOR_AUG_SSD = False
+    # Random crops are retried until no single category covers more than
+    # this fraction of the (non-ignored) crop.
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # The semantic mask-classification mapper pads image and label to this
+    # size (-1: no padding in the mapper).
+    cfg.INPUT.SIZE_DIVISIBILITY = -1
+
+    # ---------------------------------------------------------- solver
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    cfg.SOLVER.OPTIMIZER = "ADAMW"  # "SGD" | "ADAMW"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+
+    # --------------------------------------------- mask classification
+    cfg.MODEL.MASK_FORMER = CN()
+    # Loss terms and weights (matching costs use the same weights).
+    cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
+    cfg.MODEL.MASK_FORMER.NO_OBJECT_WEIGHT = 0.1
+    cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 1.0
+    cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 1.0
+    cfg.MODEL.MASK_FORMER.MASK_WEIGHT = 20.0
+    # Transformer decoder.
+    cfg.MODEL.MASK_FORMER.NHEADS = 8
+    cfg.MODEL.MASK_FORMER.DROPOUT = 0.1
+    cfg.MODEL.MASK_FORMER.DIM_FEEDFORWARD = 2048
+    cfg.MODEL.MASK_FORMER.ENC_LAYERS = 0
+    cfg.MODEL.MASK_FORMER.DEC_LAYERS = 6
+    cfg.MODEL.MASK_FORMER.PRE_NORM = False
+    cfg.MODEL.MASK_FORMER.HIDDEN_DIM = 256
+    cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 100
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "res5"
+    cfg.MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ = False
+    # Inference.
+    cfg.MODEL.MASK_FORMER.TEST = CN()
+    cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = True
+    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = False
+    cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = False
+    cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.0
+    cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.0
+    cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+    # Padding of the batched images in the model; overrides the backbone's
+    # size_divisibility, which is 0 for Detectron2's ResNet.
+    cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32
+
+    # ----------------------------------------------------- pixel decoder
+    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 0
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "BasePixelDecoder"
+
+    # ----------------------------------------------------- Swin backbone
+    cfg.MODEL.SWIN = CN()
+    cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE = 224
+    cfg.MODEL.SWIN.PATCH_SIZE = 4
+    cfg.MODEL.SWIN.EMBED_DIM = 96
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0
+    cfg.MODEL.SWIN.QKV_BIAS = True
+    cfg.MODEL.SWIN.QK_SCALE = None
+    cfg.MODEL.SWIN.DROP_RATE = 0.0
+    cfg.MODEL.SWIN.ATTN_DROP_RATE = 0.0
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.3
+    cfg.MODEL.SWIN.APE = False
+    cfg.MODEL.SWIN.PATCH_NORM = True
+    cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.SWIN.USE_CHECKPOINT = False
+
+    # ------------------------------------------------- Mask2Former extras
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "MultiScaleMaskedTransformerDecoder"
+    # Large-scale jitter (instance/panoptic recipes; unused by semantic configs).
+    cfg.INPUT.IMAGE_SIZE = 1024
+    cfg.INPUT.MIN_SCALE = 0.1
+    cfg.INPUT.MAX_SCALE = 2.0
+    # Multi-scale deformable-attention encoder of the pixel decoder.
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+    # Point-sampled mask losses (PointRend-style importance sampling):
+    # points per mask, oversampling factor k and importance ratio beta.
+    cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 112 * 112
+    cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0
+    cfg.MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75
 
 
 def add_gmmseg_config(cfg: CN) -> None:
@@ -16,18 +113,20 @@ def add_gmmseg_config(cfg: CN) -> None:
     # SEM_SEG_HEAD.ASPP_* / PROJECT_* / LOSS_TYPE, SOLVER.POLY_LR_*.
     add_deeplab_config(cfg)
 
-    # ---------------------------------------------------------------- input
-    # Same names and defaults as Mask2Former's add_maskformer2_config.
-    cfg.INPUT.DATASET_MAPPER_NAME = "per_pixel_semantic"
-    cfg.INPUT.COLOR_AUG_SSD = False
-    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
-    cfg.INPUT.SIZE_DIVISIBILITY = -1
+    # Mask2Former's keys with its defaults (INPUT.DATASET_MAPPER_NAME,
+    # COLOR_AUG_SSD, SIZE_DIVISIBILITY, SOLVER.OPTIMIZER / BACKBONE_MULTIPLIER /
+    # WEIGHT_DECAY_EMBED, MODEL.MASK_FORMER.*, MODEL.SWIN.*, ...), in the same
+    # order as Mask2Former's train_net.py: DeepLab's keys first, then these.
+    # Note the mapper default is Mask2Former's "mask_former_semantic"; the
+    # per-pixel configs select "per_pixel_semantic" explicitly.
+    add_maskformer2_config(cfg)
 
-    # --------------------------------------------------------------- solver
-    # Same names and defaults as Mask2Former.
-    cfg.SOLVER.OPTIMIZER = "ADAMW"  # "SGD" | "ADAMW"
-    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
-    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # --------------------------------------------------- mask classification
+    # The ``anomaly_score`` output of MaskFormer: "msp", "max_logit",
+    # "entropy" (on the per-class maps built from queries and masks) or "rba"
+    # (Rejected by All: -sum_c tanh of the mask-weighted class logits); see
+    # gmmseg_d2.modeling.anomaly.mask_classification_anomaly_score.
+    cfg.MODEL.MASK_FORMER.TEST.ANOMALY_SCORE = "msp"
 
     # ------------------------------------------------------ per-pixel heads
     # "softmax": a 1x1 conv classifier; "gmm": the Gaussian-mixture classifier.

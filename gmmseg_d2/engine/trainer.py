@@ -22,7 +22,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_gmmseg_config
-from ..data.dataset_mappers import PerPixelSemanticDatasetMapper
+from ..data.dataset_mappers import MaskFormerSemanticDatasetMapper, PerPixelSemanticDatasetMapper
+from ..data.datasets.cityscapes import build_cityscapes_sem_seg_evaluator
 from ..evaluation import AnomalyEvaluator
 from ..solver import build_lr_scheduler, build_optimizer
 from ..utils import read_label_map
@@ -158,19 +159,27 @@ class Trainer(DefaultTrainer):
         if evaluator_type == "sem_seg":
             return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder,
                                    sem_seg_loading_fn=read_label_map)
+        if evaluator_type == "cityscapes_sem_seg":
+            # The official cityscapesscripts protocol when installed, else SemSegEvaluator on train IDs.
+            return build_cityscapes_sem_seg_evaluator(dataset_name, output_folder)
         if evaluator_type == "anomaly":
             return AnomalyEvaluator(dataset_name, distributed=True, output_dir=output_folder)
         raise NotImplementedError(
             f"No evaluator for dataset {dataset_name!r} with evaluator_type {evaluator_type!r}; "
-            "gmmseg_d2 evaluates 'sem_seg' and 'anomaly' datasets")
+            "gmmseg_d2 evaluates 'sem_seg', 'cityscapes_sem_seg' and 'anomaly' datasets")
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
-        if cfg.INPUT.DATASET_MAPPER_NAME != "per_pixel_semantic":
+        mappers = {"per_pixel_semantic": PerPixelSemanticDatasetMapper,
+                   "mask_former_semantic": MaskFormerSemanticDatasetMapper}
+        if cfg.INPUT.DATASET_MAPPER_NAME not in mappers:
             raise ValueError(f"Unknown INPUT.DATASET_MAPPER_NAME {cfg.INPUT.DATASET_MAPPER_NAME!r}; "
-                             "available: 'per_pixel_semantic'")
-        mapper = PerPixelSemanticDatasetMapper(cfg, True)
-        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+                             f"available: {sorted(mappers)}")
+        mapper = mappers[cfg.INPUT.DATASET_MAPPER_NAME](cfg, True)
+        # Imported here: gmmseg_d2.data.samplers builds on this package's resumable stream.
+        from ..data.samplers import WEIGHTED_SAMPLERS, build_weighted_training_stream
+
+        if cfg.DATALOADER.SAMPLER_TRAIN not in ("TrainingSampler",) + WEIGHTED_SAMPLERS:
             logging.getLogger(__name__).warning(
                 f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN!r}: using Detectron2's train "
                 "loader, whose data order is not restored exactly by --resume")
@@ -179,7 +188,10 @@ class Trainer(DefaultTrainer):
             cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
         # Batches are consecutive samples of the stream: ASPECT_RATIO_GROUPING
         # does not apply (crops and ImageList padding make it moot here).
-        stream = ResumableTrainingStream(dataset, mapper, cfg.SOLVER.IMS_PER_BATCH, seed=training_seed(cfg))
+        if cfg.DATALOADER.SAMPLER_TRAIN in WEIGHTED_SAMPLERS:  # class-balanced, as resumable as the default
+            stream = build_weighted_training_stream(cfg, dataset, mapper, seed=training_seed(cfg))
+        else:
+            stream = ResumableTrainingStream(dataset, mapper, cfg.SOLVER.IMS_PER_BATCH, seed=training_seed(cfg))
         return stream.build_loader(num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
