@@ -1,5 +1,14 @@
-"""Models: importing this package registers backbones, heads and architectures."""
-from . import backbone, heads, meta_arch  # noqa: F401  (registration side effects)
-from .anomaly import SOFTMAX_ANOMALY_SCORES, softmax_anomaly_score
+"""Models: importing this package registers backbones, heads, pixel and transformer
+decoders, and meta-architectures with Detectron2's registries."""
+from . import backbone, heads, meta_arch, pixel_decoder, transformer_decoder  # noqa: F401  (registration)
+from .anomaly import (
+    MASK_CLASSIFICATION_ANOMALY_SCORES, SOFTMAX_ANOMALY_SCORES, mask_classification_anomaly_score,
+    softmax_anomaly_score,
+)
+from .criterion import SetCriterion
+from .matcher import HungarianMatcher
 
-__all__ = ["SOFTMAX_ANOMALY_SCORES", "softmax_anomaly_score"]
+__all__ = [
+    "HungarianMatcher", "MASK_CLASSIFICATION_ANOMALY_SCORES", "SOFTMAX_ANOMALY_SCORES", "SetCriterion",
+    "mask_classification_anomaly_score", "softmax_anomaly_score",
+]

@@ -1,3 +1,4 @@
 from .resnet_dilated import build_resnet_dilated_backbone, DilatedBasicBlock
+from .swin import D2SwinTransformer, SwinTransformer
 
-__all__ = ["build_resnet_dilated_backbone", "DilatedBasicBlock"]
+__all__ = ["build_resnet_dilated_backbone", "DilatedBasicBlock", "D2SwinTransformer", "SwinTransformer"]

@@ -1,0 +1,195 @@
+"""Mask2Former's meta-architecture for semantic segmentation.
+
+Registered in ``META_ARCH_REGISTRY`` as ``MaskFormer`` (the official name),
+so Mask2Former's semantic-segmentation YAML files select it unchanged. The
+model is backbone → ``sem_seg_head`` (:class:`MaskFormerHead`) → per-query
+class logits and mask logits; training matches queries to per-class target
+masks (:class:`SetCriterion`), inference combines them into per-class maps.
+"""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+from detectron2.modeling.backbone import Backbone
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+
+from ..anomaly import MASK_CLASSIFICATION_ANOMALY_SCORES, mask_classification_anomaly_score
+from ..criterion import SetCriterion
+
+__all__ = ["MaskFormer"]
+
+
+@META_ARCH_REGISTRY.register()
+class MaskFormer(nn.Module):
+    """Mask classification for semantic segmentation (Mask2Former).
+
+    Inference output per image: ``{"sem_seg": (C, H, W), "anomaly_score": (H, W)}``
+    at the image's original size, where ``sem_seg = Σ_q softmax(cls_q)[:C] ·
+    sigmoid(mask_q)`` and the anomaly score is one of
+    :data:`~gmmseg_d2.modeling.anomaly.MASK_CLASSIFICATION_ANOMALY_SCORES`.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        sem_seg_head: nn.Module,
+        criterion: nn.Module,
+        num_queries: int,
+        size_divisibility: int,
+        sem_seg_postprocess_before_inference: bool,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        anomaly_score: str = "msp",
+        object_mask_threshold: float = 0.8,
+        overlap_threshold: float = 0.8,
+        metadata=None,
+        semantic_on: bool = True,
+        panoptic_on: bool = False,
+        instance_on: bool = False,
+        test_topk_per_image: int = 100,
+    ):
+        """
+        Args:
+            backbone: a Detectron2 backbone.
+            sem_seg_head: returns ``{"pred_logits", "pred_masks", "aux_outputs"}``
+                from the backbone features.
+            criterion: training losses from those predictions and the targets;
+                its ``weight_dict`` weights them, losses missing from it are dropped.
+            num_queries: number of queries ``Q``.
+            size_divisibility: pad images to a multiple of this; ``< 0`` takes
+                the backbone's.
+            sem_seg_postprocess_before_inference: resize the masks to the
+                original image size before combining them with the classes
+                (exact, more memory) instead of after.
+            pixel_mean, pixel_std: per-channel input normalisation.
+            anomaly_score: the ``anomaly_score`` output's rule; see
+                :func:`~gmmseg_d2.modeling.anomaly.mask_classification_anomaly_score`.
+            object_mask_threshold, overlap_threshold, metadata,
+            test_topk_per_image: panoptic / instance inference settings, kept
+                for config compatibility.
+            semantic_on, panoptic_on, instance_on: which outputs to produce;
+                this project implements semantic segmentation only.
+        """
+        super().__init__()
+        if panoptic_on or instance_on:
+            raise NotImplementedError(
+                "gmmseg_d2's MaskFormer implements semantic segmentation only; set "
+                "MODEL.MASK_FORMER.TEST.PANOPTIC_ON and INSTANCE_ON to False"
+            )
+        if not semantic_on:
+            raise ValueError("MODEL.MASK_FORMER.TEST.SEMANTIC_ON is False: the model would output nothing")
+        if anomaly_score not in MASK_CLASSIFICATION_ANOMALY_SCORES:
+            raise ValueError(f"Unknown MODEL.MASK_FORMER.TEST.ANOMALY_SCORE {anomaly_score!r}; "
+                             f"choose one of {MASK_CLASSIFICATION_ANOMALY_SCORES}")
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.criterion = criterion
+        self.num_queries = num_queries
+        self.size_divisibility = backbone.size_divisibility if size_divisibility < 0 else size_divisibility
+        self.sem_seg_postprocess_before_inference = sem_seg_postprocess_before_inference
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.anomaly_score_method = anomaly_score
+        self.object_mask_threshold = object_mask_threshold
+        self.overlap_threshold = overlap_threshold
+        self.metadata = metadata
+        self.test_topk_per_image = test_topk_per_image
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
+        from detectron2.data import MetadataCatalog
+
+        backbone = build_backbone(cfg)
+        test = cfg.MODEL.MASK_FORMER.TEST
+        return {
+            "backbone": backbone,
+            "sem_seg_head": build_sem_seg_head(cfg, backbone.output_shape()),
+            "criterion": SetCriterion(cfg),
+            "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES,
+            "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
+            "sem_seg_postprocess_before_inference": (
+                test.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE or test.PANOPTIC_ON or test.INSTANCE_ON
+            ),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "anomaly_score": test.ANOMALY_SCORE,
+            "object_mask_threshold": test.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": test.OVERLAP_THRESHOLD,
+            "metadata": MetadataCatalog.get(cfg.DATASETS.TRAIN[0]) if cfg.DATASETS.TRAIN else None,
+            "semantic_on": test.SEMANTIC_ON,
+            "panoptic_on": test.PANOPTIC_ON,
+            "instance_on": test.INSTANCE_ON,
+            "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        images = [(record["image"].to(self.device) - self.pixel_mean) / self.pixel_std for record in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def forward(self, batched_inputs: List[Dict]):
+        """Training: a dict of weighted losses. Inference: one output dict per image.
+
+        Each input record holds ``"image"`` ``(3, H, W)`` and, for training,
+        ``"instances"`` with ``gt_classes`` and ``gt_masks`` (as the
+        ``mask_former_semantic`` dataset mapper makes them).
+        """
+        images = self.preprocess_image(batched_inputs)
+        outputs = self.sem_seg_head(self.backbone(images.tensor))
+        if self.training:
+            if "instances" not in batched_inputs[0]:
+                raise ValueError("MaskFormer training needs per-class mask targets ('instances'); use "
+                                 "INPUT.DATASET_MAPPER_NAME 'mask_former_semantic'")
+            targets = self.prepare_targets([r["instances"].to(self.device) for r in batched_inputs], images)
+            losses = self.criterion(outputs, targets)
+            weights = self.criterion.weight_dict
+            return {name: loss * weights[name] for name, loss in losses.items() if name in weights}
+        return self.inference(outputs, batched_inputs, images)
+
+    @staticmethod
+    def prepare_targets(instances, images: ImageList) -> List[Dict[str, torch.Tensor]]:
+        """Per image ``{"labels": (T,), "masks": (T, H_pad, W_pad)}``, masks zero-padded to the batch size."""
+        padded_height, padded_width = images.tensor.shape[-2:]
+        targets = []
+        for per_image in instances:
+            masks = per_image.gt_masks
+            masks = masks.tensor if hasattr(masks, "tensor") else masks
+            padded = masks.new_zeros((masks.shape[0], padded_height, padded_width))
+            padded[:, :masks.shape[1], :masks.shape[2]] = masks
+            targets.append({"labels": per_image.gt_classes, "masks": padded})
+        return targets
+
+    def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
+        mask_logits = F.interpolate(outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear",
+                                    align_corners=False)
+        results = []
+        for class_logits, masks, record, image_size in zip(outputs["pred_logits"], mask_logits, batched_inputs,
+                                                           images.image_sizes):
+            height, width = record.get("height", image_size[0]), record.get("width", image_size[1])
+            if self.sem_seg_postprocess_before_inference:
+                masks = sem_seg_postprocess(masks, image_size, height, width)
+                class_logits = class_logits.to(masks)
+            sem_seg, anomaly = self.semantic_inference(class_logits, masks)
+            if not self.sem_seg_postprocess_before_inference:
+                sem_seg = sem_seg_postprocess(sem_seg, image_size, height, width)
+                anomaly = sem_seg_postprocess(anomaly[None], image_size, height, width)[0]
+            results.append({"sem_seg": sem_seg, "anomaly_score": anomaly})
+        return results
+
+    def semantic_inference(self, class_logits: torch.Tensor, mask_logits: torch.Tensor
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(Q, C+1)`` class logits, ``(Q, H, W)`` mask logits → ``(C, H, W)`` scores, ``(H, W)`` anomaly."""
+        mask_probs = mask_logits.sigmoid()
+        sem_seg = torch.einsum("qc,qhw->chw", F.softmax(class_logits, dim=-1)[:, :-1], mask_probs)
+        anomaly = mask_classification_anomaly_score(class_logits, mask_probs, self.anomaly_score_method)
+        return sem_seg, anomaly
