@@ -1,11 +1,15 @@
 """Mask2Former meta-architecture: anomaly scores, semantic inference, head wiring, training."""
 import math
+import os
+
+import numpy as np
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gmmseg_d2.modeling.anomaly import MASK_CLASSIFICATION_ANOMALY_SCORES, mask_classification_anomaly_score
+from tests.conftest import REPO_ROOT
 
 
 def test_mask_classification_anomaly_scores_match_hand_computed_values():
@@ -34,3 +38,77 @@ def test_mask_classification_anomaly_scores_match_hand_computed_values():
     with pytest.raises(ValueError, match="rba"):
         mask_classification_anomaly_score(class_logits, mask_probs, "energy")
     assert set(MASK_CLASSIFICATION_ANOMALY_SCORES) == {"msp", "max_logit", "entropy", "rba"}
+
+
+MASKFORMER_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "maskformer2_R18_softmax.yaml")
+
+
+def _maskformer_cfg(*opts):
+    from detectron2.config import get_cfg
+
+    from gmmseg_d2.config import add_gmmseg_config
+
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    cfg.merge_from_file(MASKFORMER_CONFIG)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
+def test_semantic_inference_and_outputs_at_original_size():
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(_maskformer_cfg()).eval()
+    image = torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        (output,) = model([{"image": image, "height": 48, "width": 64}])
+        # Independent recomputation from the head's raw predictions.
+        images = model.preprocess_image([{"image": image}])
+        predictions = model.sem_seg_head(model.backbone(images.tensor))
+    assert output["sem_seg"].shape == (8, 48, 64) and output["anomaly_score"].shape == (48, 64)
+    masks = F.interpolate(predictions["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear",
+                          align_corners=False)[0, :, :96, :128]
+    semantic = torch.einsum("qc,qhw->chw", predictions["pred_logits"][0].softmax(-1)[:, :-1], masks.sigmoid())
+    expected = F.interpolate(semantic[None], size=(48, 64), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(output["sem_seg"], expected)
+    assert len(predictions["aux_outputs"]) == 3  # DEC_LAYERS 4: 3 auxiliary predictions + the final one
+    assert predictions["pred_logits"].shape == (1, 16, 9)
+
+
+def test_rejects_panoptic_and_instance_inference():
+    from detectron2.modeling import build_model
+
+    with pytest.raises(NotImplementedError, match="semantic segmentation only"):
+        build_model(_maskformer_cfg("MODEL.MASK_FORMER.TEST.PANOPTIC_ON", "True"))
+
+
+def test_training_steps_on_mosaic_reduce_the_loss(small_mosaic_root, one_torch_thread):
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+
+    from gmmseg_d2.data.dataset_mappers import MaskFormerSemanticDatasetMapper
+
+    cfg = _maskformer_cfg("INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.CROP.SIZE", "(64, 64)",
+                          "INPUT.SIZE_DIVISIBILITY", "64", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256")
+    torch.manual_seed(0)
+    np.random.seed(0)
+    model = build_model(cfg).train()
+    mapper = MaskFormerSemanticDatasetMapper(cfg, is_train=True)
+    records = DatasetCatalog.get("mosaic_sem_seg_train")[:8]
+    batches = [[mapper(dict(r)) for r in records[i:i + 4]] for i in range(0, 8, 4)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    passes = []
+    for _ in range(10):  # 20 steps
+        totals = []
+        for batch in batches:
+            losses = model(batch)
+            # Deep supervision: the final layer's and 3 auxiliary layers' losses, weighted.
+            assert set(losses) == {f"loss_{k}{s}" for k in ("ce", "mask", "dice") for s in ("", "_0", "_1", "_2")}
+            total = sum(losses.values())
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+            totals.append(total.item())
+        passes.append(sum(totals) / len(totals))
+    assert passes[-1] < 0.75 * passes[0], passes
