@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO_CONFIG ?= configs/mosaic/fcn_R18_gmm.yaml
 DEMO_OUTPUT ?= output/demo
 # The softmax baseline's numbers from a recorded run of the same schedule and
-# seed (benchmarks/mosaic_per_pixel.py, see BENCHMARKS.md), shown next to the
+# seed (benchmarks/mosaic_models.py, see BENCHMARKS.md), shown next to the
 # demo's own so that the demo trains one model, not two.
 DEMO_BASELINE ?= benchmarks/recorded/mosaic_fcn_R18_softmax_seed0.json
 export DETECTRON2_DATASETS ?= $(CURDIR)/datasets

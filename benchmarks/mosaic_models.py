@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Softmax vs GMM per-pixel models on the embedded mosaic: accuracy, anomaly, speed.
+"""Softmax vs GMM models on the embedded mosaic: accuracy, anomaly, speed.
+
+Per-pixel families (fcn_R18, deeplabv3plus_R18) and mask-classification ones
+(maskformer2_R18: MSP, max-logit, entropy and RbA scores for softmax models).
 
 For every (config, seed) this trains the model with ``tools/train_net.py``
 (same schedule and seed for both classifiers), then evaluates the checkpoint
@@ -11,7 +14,7 @@ models; MSP, max-logit and entropy for softmax models — and reports:
 * median training step time (Detectron2's ``time`` in ``metrics.json``) and
   inference time per image, with the GMM/softmax ratio of the step time.
 
-    python benchmarks/mosaic_per_pixel.py --configs fcn_R18 --seeds 0 \
+    python benchmarks/mosaic_models.py --configs fcn_R18 --seeds 0 \
         --output-dir output/benchmarks/mosaic
 
 Runs are sequential (the machine's cores are shared by one run at a time), so
@@ -28,6 +31,8 @@ from typing import Dict, List, Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOFTMAX_SCORES = ("msp", "max_logit", "entropy")
+#: Mask-classification (Mask2Former) softmax models also offer RbA.
+MASK_CLASSIFICATION_SCORES = SOFTMAX_SCORES + ("rba",)
 
 
 def run(command: List[str], log_path: str) -> str:
@@ -74,13 +79,19 @@ def train_and_evaluate(config: str, seed: int, output_root: str, python: str,
         "anomaly": {},
     }
     is_gmm = "gmm" in os.path.basename(config)
-    scores = ["density"] if is_gmm else list(SOFTMAX_SCORES)
+    is_mask_classification = "maskformer" in os.path.basename(config)
+    if is_gmm:
+        scores = ["density"]
+    else:
+        scores = list(MASK_CLASSIFICATION_SCORES if is_mask_classification else SOFTMAX_SCORES)
+    score_key = ("MODEL.MASK_FORMER.TEST.ANOMALY_SCORE" if is_mask_classification
+                 else "MODEL.SEM_SEG_HEAD.ANOMALY_SCORE")
     weights = os.path.join(output_dir, "model_final.pth")
     for score in scores:
         eval_dir = os.path.join(output_dir, f"eval_{score}")
         opts = ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", eval_dir, *extra_opts]
         if not is_gmm:
-            opts += ["MODEL.SEM_SEG_HEAD.ANOMALY_SCORE", score]
+            opts += [score_key, score]
         log = run([python, "tools/train_net.py", "--config-file", config, "--eval-only", *opts],
                   os.path.join(output_dir, f"eval_{score}.log"))
         with open(os.path.join(eval_dir, "eval_results.json")) as f:
@@ -112,6 +123,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["fcn_R18", "deeplabv3plus_R18"],
                         help="mosaic model families; each runs as <name>_softmax and <name>_gmm")
+    parser.add_argument("--classifiers", nargs="+", default=["softmax", "gmm"],
+                        help="which of <name>_softmax / <name>_gmm to run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--output-dir", default="output/benchmarks/mosaic")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
@@ -119,7 +132,7 @@ def main() -> None:
     records = []
     for family in args.configs:
         for seed in args.seeds:
-            for kind in ("softmax", "gmm"):
+            for kind in args.classifiers:
                 config = os.path.join("configs", "mosaic", f"{family}_{kind}.yaml")
                 records.append(train_and_evaluate(config, seed, args.output_dir, sys.executable,
                                                   args.opts))
