@@ -1,19 +1,10 @@
 """MSDeformAttnPixelDecoder and PositionEmbeddingSine: checkpoint names and
 shapes of the official model, output shapes on odd-sized inputs, the FPN and
-encoder wiring against manual recomputation, and (opt-in) numerical parity with
-the official Mask2Former code.
-
-The parity test needs the official ``mask2former`` package sources (e.g. the
-PyPI sdist ``maskformer2==0.1``, which holds facebookresearch/Mask2Former's
-modeling code); point ``MASK2FORMER_REFERENCE_ROOT`` at the folder containing
-``mask2former/``. Without it the test is skipped.
+encoder wiring against manual recomputation, and numerical parity with the
+official Mask2Former code (fetched by tools/setup_env.sh; see
+tests/official_mask2former.py).
 """
-import contextlib
-import importlib
 import math
-import os
-import sys
-import types
 
 import pytest
 import torch
@@ -23,6 +14,7 @@ from detectron2.layers import ShapeSpec
 
 from gmmseg_d2.modeling.pixel_decoder import MSDeformAttnPixelDecoder, build_pixel_decoder
 from gmmseg_d2.modeling.transformer_decoder.position_encoding import PositionEmbeddingSine
+from tests.official_mask2former import import_official_mask2former_module
 
 # R50-like strides with reduced channels.
 SMALL_SHAPES = {
@@ -262,63 +254,10 @@ def test_position_embedding_frequencies_and_mask():
     assert len(pe.state_dict()) == 0
 
 
-# ---------------------------------------------------------------- official parity (opt-in)
-#: Registry entries the official modules registered, kept apart from ours.
-OFFICIAL_REGISTRY_ENTRIES = {}
-
-
-def _d2_registries():
-    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
-
-    return (BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY)
-
-
-def import_official_mask2former_module(module_name: str, root: str):
-    """Import one module of the official ``mask2former`` package for reference.
-
-    Skips the package ``__init__`` files (they register datasets and need
-    detectron2's compiled ops) by installing empty parent packages, and keeps
-    the official classes out of Detectron2's registries (they land in
-    ``OFFICIAL_REGISTRY_ENTRIES``; see :func:`official_registries`), so our
-    registrations stay in place and the names cannot clash.
-    """
-    for parent in ("mask2former", "mask2former.modeling"):
-        if parent not in sys.modules:
-            package = types.ModuleType(parent)
-            package.__path__ = [os.path.join(root, *parent.split("."))]
-            sys.modules[parent] = package
-    saved = [r._obj_map for r in _d2_registries()]
-    for r in _d2_registries():
-        r._obj_map = dict(OFFICIAL_REGISTRY_ENTRIES.get(r._name, {}))
-    try:
-        return importlib.import_module(module_name)
-    finally:
-        for r, objs in zip(_d2_registries(), saved):
-            OFFICIAL_REGISTRY_ENTRIES[r._name] = r._obj_map
-            r._obj_map = objs
-
-
-@contextlib.contextmanager
-def official_registries():
-    """Within the block, Detectron2's registries resolve names to the official classes
-    (with ours as fallback for names the official code does not define), e.g. to build
-    the official model from a config with ``build_model``."""
-    saved = [r._obj_map for r in _d2_registries()]
-    for r, objs in zip(_d2_registries(), saved):
-        r._obj_map = {**objs, **OFFICIAL_REGISTRY_ENTRIES.get(r._name, {})}
-    try:
-        yield
-    finally:
-        for r, objs in zip(_d2_registries(), saved):
-            r._obj_map = objs
-
-
+# ---------------------------------------------------------------- official parity
 @pytest.fixture(scope="module")
 def official_msdeformattn():
-    root = os.environ.get("MASK2FORMER_REFERENCE_ROOT")
-    if not root or not os.path.isdir(os.path.join(root, "mask2former")):
-        pytest.skip("set MASK2FORMER_REFERENCE_ROOT to a folder holding the official mask2former/ sources")
-    return import_official_mask2former_module("mask2former.modeling.pixel_decoder.msdeformattn", root)
+    return import_official_mask2former_module("mask2former.modeling.pixel_decoder.msdeformattn")
 
 
 def test_matches_official_pixel_decoder(official_msdeformattn, one_torch_thread):
