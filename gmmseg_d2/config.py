@@ -127,6 +127,50 @@ def add_gmmseg_config(cfg: CN) -> None:
     # (Rejected by All: -sum_c tanh of the mask-weighted class logits); see
     # gmmseg_d2.modeling.anomaly.mask_classification_anomaly_score.
     cfg.MODEL.MASK_FORMER.TEST.ANOMALY_SCORE = "msp"
+    # With CLASSIFIER "gmm" three density rules are available as well, built
+    # on each query's a_q = -max_c log p(e_q | c) over the C real classes:
+    # "density_mask_avg" (average of a_q weighted by (1 - p_q(no object)) x
+    # mask probability), "density_min" / "density_max" (min / max of a_q over
+    # the queries covering the pixel); see
+    # gmmseg_d2.modeling.anomaly.mask_density_anomaly_score.
+
+    # The class head of the transformer decoder: "softmax" (Mask2Former's
+    # linear layer over C + 1 classes) or "gmm" (GMMSeg: the Gaussian-mixture
+    # classifier over C + 1 mixtures, the last one "no object", configured by
+    # MODEL.GMM.* except for the two query-level keys below). See
+    # gmmseg_d2.modeling.gmm_mask_classification.
+    cfg.MODEL.MASK_FORMER.CLASSIFIER = "softmax"
+    # Query-level memory per (class, component), replacing MODEL.GMM.MEMORY_SIZE
+    # (a per-pixel value) for the mask classifier. A class gets at most one
+    # matched query per image (semantic targets are one mask per class), so at
+    # batch 16 a frequent class brings ~16 / M = 3 features per component per
+    # step, against the 20 per step that fill the official per-pixel memory
+    # of 32000 in 1600 iterations. 5000 slots keep the same ~1600-iteration
+    # window for the frequent classes (longer for rare ones), at 1/6 of the
+    # per-pixel memory (ADE20K: 0.97 GB in float32 instead of 6.2 GB).
+    cfg.MODEL.MASK_FORMER.GMM_MEMORY_SIZE = 5000
+    # Which decoder layers' matched queries feed the memory and the E-step:
+    # "last" (the final prediction; the auxiliary layers only get the
+    # component loss, with no state update) or "all" (the queries of every
+    # layer in one EM step, one component loss).
+    cfg.MODEL.MASK_FORMER.GMM_MEMORY_LAYERS = "last"
+    # Which labelled queries go through the Sinkhorn E-step and into the
+    # memory: "labelled" (every matched query and every sampled unmatched one)
+    # or "correct" (as the per-pixel model: MODEL.GMM.E_STEP_SAMPLES decides
+    # the E-step, and only queries the model classifies correctly are stored).
+    # "correct" can lock a class out for good: until a class's components hold
+    # a feature their stds stay 1, so it scores far below every fitted class,
+    # is never classified correctly and never stored (see
+    # gmmseg_d2.modeling.gmm_mask_classification).
+    cfg.MODEL.MASK_FORMER.GMM_MEMORY_SAMPLES = "labelled"
+    # Unmatched queries given to the "no object" mixture, per image, as a
+    # multiple of the image's matched queries (at least one query per image,
+    # at most all unmatched ones; a random subset); < 0 takes every unmatched
+    # query. The others are ignored by the EM step (they still get the usual
+    # "no object" cross-entropy). 1.0 keeps "no object" from outnumbering the
+    # real classes in the E-step and the component loss (Q = 100 queries
+    # against ~10 matched ones per ADE20K image).
+    cfg.MODEL.MASK_FORMER.GMM_NO_OBJECT_RATIO = 1.0
 
     # ------------------------------------------------------ per-pixel heads
     # "softmax": a 1x1 conv classifier; "gmm": the Gaussian-mixture classifier.

@@ -31,7 +31,10 @@ value of :meth:`~GaussianMixtureClassifier.em_step`, which, without gradient:
    default only the samples the model currently classifies correctly take part
    (``estep_samples="correct"``); the official code instead runs Sinkhorn on
    all of a class's samples (``"all"``). In both modes only correctly
-   classified samples enter the memory.
+   classified samples enter the memory, unless ``memory_samples="all"``
+   (with ``estep_samples="all"``): then every labelled sample does, which
+   suits labels that are reliable by construction (Mask2Former's matched
+   queries, see ``gmmseg_d2.modeling.gmm_mask_classification``).
 2. Before that, the participating samples of all ranks are all-gathered, so
    every rank runs the same E-step on the same data and ends with the same
    memory and parameters, equal to one process fed the concatenated batch.
@@ -142,6 +145,10 @@ class GaussianMixtureClassifier(nn.Module):
         estep_samples: ``"correct"`` (Sinkhorn on correctly classified samples;
             misclassified ones get their best own-class component as CE target)
             or ``"all"`` (official code: Sinkhorn on every labelled sample).
+        memory_samples: ``"correct"`` (only correctly classified samples
+            enter the memory, as the official code) or ``"all"`` (every sample
+            that took part in the E-step; with ``estep_samples="correct"``
+            those are the correct ones anyway).
         memory_dtype: storage dtype of the memory (float32 or float16).
         ignore_value: label of pixels/queries without a class (255).
     """
@@ -165,6 +172,7 @@ class GaussianMixtureClassifier(nn.Module):
         contrastive_loss_weight: float = 0.01,
         component_reduction: str = "max",
         estep_samples: str = "correct",
+        memory_samples: str = "correct",
         memory_dtype: torch.dtype = torch.float32,
         ignore_value: int = 255,
     ) -> None:
@@ -173,6 +181,8 @@ class GaussianMixtureClassifier(nn.Module):
             raise ValueError(f"component_reduction must be 'max' or 'logsumexp', got {component_reduction!r}")
         if estep_samples not in ("correct", "all"):
             raise ValueError(f"estep_samples must be 'correct' or 'all', got {estep_samples!r}")
+        if memory_samples not in ("correct", "all"):
+            raise ValueError(f"memory_samples must be 'correct' or 'all', got {memory_samples!r}")
         if update_interval < 1:
             raise ValueError(f"update_interval must be >= 1, got {update_interval}")
         if not (0.0 <= mean_momentum <= 1.0 and 0.0 <= std_momentum <= 1.0):
@@ -192,6 +202,7 @@ class GaussianMixtureClassifier(nn.Module):
         self.contrastive_loss_weight = contrastive_loss_weight
         self.component_reduction = component_reduction
         self.estep_samples = estep_samples
+        self.memory_samples = memory_samples
         self.ignore_value = ignore_value
 
         # Embedding: projection -> LayerNorm -> L2 (the L2 step is in embed()).
@@ -243,7 +254,7 @@ class GaussianMixtureClassifier(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"classes={self.num_classes}, components={self.num_components}, reduction={self.component_reduction}, "
-            f"estep_samples={self.estep_samples}, update_interval={self.update_interval}"
+            f"estep_samples={self.estep_samples}, memory_samples={self.memory_samples}, update_interval={self.update_interval}"
         )
 
     # ------------------------------------------------------------------ forward
@@ -395,7 +406,10 @@ class GaussianMixtureClassifier(nn.Module):
         targets = torch.where(usable, labels * num_components + own_scores.argmax(dim=1), no_target)
         targets[local] = labels[local] * num_components + assigned[offset : offset + local.numel()]
 
-        to_memory = torch.nonzero(all_correct).squeeze(1)
+        if self.memory_samples == "all":
+            to_memory = torch.arange(all_labels.shape[0], device=all_labels.device)
+        else:
+            to_memory = torch.nonzero(all_correct).squeeze(1)
         slots = all_labels[to_memory] * num_components + assigned[to_memory]
         return targets, all_features[to_memory], slots
 

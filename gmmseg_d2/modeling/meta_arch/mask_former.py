@@ -6,7 +6,7 @@ model is backbone → ``sem_seg_head`` (:class:`MaskFormerHead`) → per-query
 class logits and mask logits; training matches queries to per-class target
 masks (:class:`SetCriterion`), inference combines them into per-class maps.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,11 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
-from ..anomaly import MASK_CLASSIFICATION_ANOMALY_SCORES, mask_classification_anomaly_score
-from ..criterion import SetCriterion
+from ..anomaly import (
+    MASK_CLASSIFICATION_ANOMALY_SCORES, MASK_DENSITY_ANOMALY_SCORES, mask_classification_anomaly_score,
+    mask_density_anomaly_score,
+)
+from ..gmm_mask_classification import build_mask_classification_criterion
 
 __all__ = ["MaskFormer"]
 
@@ -31,7 +34,10 @@ class MaskFormer(nn.Module):
     Inference output per image: ``{"sem_seg": (C, H, W), "anomaly_score": (H, W)}``
     at the image's original size, where ``sem_seg = Σ_q softmax(cls_q)[:C] ·
     sigmoid(mask_q)`` and the anomaly score is one of
-    :data:`~gmmseg_d2.modeling.anomaly.MASK_CLASSIFICATION_ANOMALY_SCORES`.
+    :data:`~gmmseg_d2.modeling.anomaly.MASK_CLASSIFICATION_ANOMALY_SCORES` or, with
+    the GMM class head (``MODEL.MASK_FORMER.CLASSIFIER "gmm"``, see
+    :mod:`gmmseg_d2.modeling.gmm_mask_classification`), one of
+    :data:`~gmmseg_d2.modeling.anomaly.MASK_DENSITY_ANOMALY_SCORES`.
     """
 
     @configurable
@@ -85,9 +91,9 @@ class MaskFormer(nn.Module):
             )
         if not semantic_on:
             raise ValueError("MODEL.MASK_FORMER.TEST.SEMANTIC_ON is False: the model would output nothing")
-        if anomaly_score not in MASK_CLASSIFICATION_ANOMALY_SCORES:
+        if anomaly_score not in MASK_CLASSIFICATION_ANOMALY_SCORES + MASK_DENSITY_ANOMALY_SCORES:
             raise ValueError(f"Unknown MODEL.MASK_FORMER.TEST.ANOMALY_SCORE {anomaly_score!r}; "
-                             f"choose one of {MASK_CLASSIFICATION_ANOMALY_SCORES}")
+                             f"choose one of {MASK_CLASSIFICATION_ANOMALY_SCORES + MASK_DENSITY_ANOMALY_SCORES}")
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.criterion = criterion
@@ -108,10 +114,14 @@ class MaskFormer(nn.Module):
 
         backbone = build_backbone(cfg)
         test = cfg.MODEL.MASK_FORMER.TEST
+        if test.ANOMALY_SCORE in MASK_DENSITY_ANOMALY_SCORES and cfg.MODEL.MASK_FORMER.CLASSIFIER != "gmm":
+            raise ValueError(f"MODEL.MASK_FORMER.TEST.ANOMALY_SCORE {test.ANOMALY_SCORE!r} needs the GMM class "
+                             "head (MODEL.MASK_FORMER.CLASSIFIER 'gmm')")
+        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
         return {
             "backbone": backbone,
-            "sem_seg_head": build_sem_seg_head(cfg, backbone.output_shape()),
-            "criterion": SetCriterion(cfg),
+            "sem_seg_head": sem_seg_head,
+            "criterion": build_mask_classification_criterion(cfg, sem_seg_head),
             "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES,
             "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
             "sem_seg_postprocess_before_inference": (
@@ -172,24 +182,46 @@ class MaskFormer(nn.Module):
     def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
         mask_logits = F.interpolate(outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear",
                                     align_corners=False)
+        query_anomaly = self.query_density_anomaly(outputs)
         results = []
-        for class_logits, masks, record, image_size in zip(outputs["pred_logits"], mask_logits, batched_inputs,
-                                                           images.image_sizes):
+        for b, (class_logits, masks, record, image_size) in enumerate(
+                zip(outputs["pred_logits"], mask_logits, batched_inputs, images.image_sizes)):
             height, width = record.get("height", image_size[0]), record.get("width", image_size[1])
             if self.sem_seg_postprocess_before_inference:
                 masks = sem_seg_postprocess(masks, image_size, height, width)
                 class_logits = class_logits.to(masks)
-            sem_seg, anomaly = self.semantic_inference(class_logits, masks)
+            sem_seg, anomaly = self.semantic_inference(
+                class_logits, masks, None if query_anomaly is None else query_anomaly[b])
             if not self.sem_seg_postprocess_before_inference:
                 sem_seg = sem_seg_postprocess(sem_seg, image_size, height, width)
                 anomaly = sem_seg_postprocess(anomaly[None], image_size, height, width)[0]
             results.append({"sem_seg": sem_seg, "anomaly_score": anomaly})
         return results
 
-    def semantic_inference(self, class_logits: torch.Tensor, mask_logits: torch.Tensor
+    @staticmethod
+    def query_density_anomaly(outputs: Dict) -> Optional[torch.Tensor]:
+        """``(B, Q)`` ``-max_c log p(e_q | c)`` over the real classes (not "no object")
+        for the GMM class head, None for the softmax one."""
+        gmm = outputs.get("pred_gmm")
+        if gmm is None:
+            return None
+        return -gmm.class_log_likelihood[..., :-1].float().amax(dim=-1)
+
+    def semantic_inference(self, class_logits: torch.Tensor, mask_logits: torch.Tensor,
+                           query_anomaly: Optional[torch.Tensor] = None
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(Q, C+1)`` class logits, ``(Q, H, W)`` mask logits → ``(C, H, W)`` scores, ``(H, W)`` anomaly."""
+        """``(Q, C+1)`` class logits, ``(Q, H, W)`` mask logits → ``(C, H, W)`` scores, ``(H, W)`` anomaly.
+
+        ``query_anomaly`` ``(Q,)`` (:meth:`query_density_anomaly`) is needed by
+        the density anomaly scores.
+        """
         mask_probs = mask_logits.sigmoid()
         sem_seg = torch.einsum("qc,qhw->chw", F.softmax(class_logits, dim=-1)[:, :-1], mask_probs)
-        anomaly = mask_classification_anomaly_score(class_logits, mask_probs, self.anomaly_score_method)
+        if self.anomaly_score_method in MASK_DENSITY_ANOMALY_SCORES:
+            if query_anomaly is None:
+                raise ValueError(f"anomaly score {self.anomaly_score_method!r} needs the GMM class head's "
+                                 "per-query densities (MODEL.MASK_FORMER.CLASSIFIER 'gmm')")
+            anomaly = mask_density_anomaly_score(class_logits, query_anomaly, mask_probs, self.anomaly_score_method)
+        else:
+            anomaly = mask_classification_anomaly_score(class_logits, mask_probs, self.anomaly_score_method)
         return sem_seg, anomaly

@@ -262,7 +262,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     :meth:`classify_queries`, on the normalised decoder output ``(B, Q, hidden_dim)``;
     pass another module as ``class_embed`` (or override that method) to swap the
     classifier without touching the decoder. Everything downstream consumes
-    only the ``pred_logits`` it returns.
+    only the ``pred_logits`` it returns. A head may also return an object with
+    a ``class_logits`` attribute (the GMM classifier's ``GMMClassifierOutput``,
+    built here when ``MODEL.MASK_FORMER.CLASSIFIER`` is ``"gmm"``): its
+    ``class_logits`` become ``pred_logits`` and the whole object is passed on
+    as ``pred_gmm`` beside them, in the final and in every auxiliary prediction.
     """
 
     # Version 2 renamed the learnable query features ``static_query`` -> ``query_feat``.
@@ -373,7 +377,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mask_former = cfg.MODEL.MASK_FORMER
         if mask_former.DEC_LAYERS < 1:
             raise ValueError(f"MODEL.MASK_FORMER.DEC_LAYERS must be >= 1, got {mask_former.DEC_LAYERS}.")
-        return {
+        kwargs = {
             "in_channels": in_channels,
             "mask_classification": mask_classification,
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
@@ -389,6 +393,13 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "enforce_input_project": mask_former.ENFORCE_INPUT_PROJ,
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
         }
+        classifier = cfg.MODEL.MASK_FORMER.get("CLASSIFIER", "softmax")
+        if classifier != "softmax":
+            # Imported here: the GMM mask classification module builds on the criterion.
+            from ..gmm_mask_classification import build_query_class_head
+
+            kwargs["class_embed"] = build_query_class_head(cfg, classifier)
+        return kwargs
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -495,17 +506,26 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             predictions_mask.append(outputs_mask)
 
         return {
-            "pred_logits": predictions_class[-1],
-            "pred_masks": predictions_mask[-1],
+            **self._prediction(predictions_class[-1], predictions_mask[-1]),
             "aux_outputs": self._set_aux_loss(predictions_class, predictions_mask),
         }
 
-    def classify_queries(self, decoder_output: Tensor) -> Tensor:
+    def classify_queries(self, decoder_output: Tensor):
         """Class logits of the normalised queries: ``(B, Q, hidden) -> (B, Q, K)``.
 
-        The single use of ``class_embed``; the seam for other classifiers.
+        The single use of ``class_embed``; the seam for other classifiers. A
+        head may return an object holding ``class_logits`` ``(B, Q, K)``
+        instead of the logits (see the class docstring).
         """
         return self.class_embed(decoder_output)
+
+    @staticmethod
+    def _prediction(class_output, masks: Tensor) -> Dict[str, object]:
+        """One prediction dict: ``pred_logits``, ``pred_masks`` and, for a head that
+        returns more than logits, ``pred_gmm`` (the head's whole output)."""
+        if isinstance(class_output, Tensor):
+            return {"pred_logits": class_output, "pred_masks": masks}
+        return {"pred_logits": class_output.class_logits, "pred_masks": masks, "pred_gmm": class_output}
 
     def forward_prediction_heads(
         self, output: Tensor, mask_features: Tensor, attn_mask_target_size: Tuple[int, int]
@@ -519,6 +539,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
         Returns:
             ``(class_logits (B, Q, K), mask_logits (B, Q, H_m, W_m), attn_mask)``
+            (``class_logits`` being whatever :meth:`classify_queries` returns)
             with the boolean ``attn_mask (B * nheads, Q, h * w)`` True where the
             mask, bilinearly resized to ``(h, w)``, has probability below 0.5
             (attention forbidden there). It is detached: no gradient flows
@@ -551,6 +572,6 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     @torch.jit.unused
     def _set_aux_loss(self, outputs_class: List[Tensor], outputs_seg_masks: List[Tensor]) -> List[Dict[str, Tensor]]:
         return [
-            {"pred_logits": logits, "pred_masks": masks}
+            self._prediction(logits, masks)
             for logits, masks in zip(outputs_class[:-1], outputs_seg_masks[:-1])
         ]

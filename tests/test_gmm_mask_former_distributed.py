@@ -1,0 +1,52 @@
+"""GMMSeg-Mask2Former trained by tools/train_net.py --num-gpus 2 on CPU (gloo): query-level GMM state
+identical on both ranks (same driver as tests/test_distributed_training.py)."""
+import os
+import subprocess
+import sys
+
+import torch
+
+from tests.conftest import REPO_ROOT
+from tests.test_distributed_training import DRIVER
+
+GMM_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "gmmseg_maskformer2_R18.yaml")
+MAX_ITER = 6
+
+OPTS = [
+    "INPUT.MIN_SIZE_TRAIN", "(64, 80)", "INPUT.CROP.SIZE", "(64, 64)", "INPUT.SIZE_DIVISIBILITY", "64",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256",
+    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.WARMUP_ITERS", "2",
+    "MODEL.MASK_FORMER.GMM_MEMORY_SIZE", "16", "MODEL.GMM.UPDATE_INTERVAL", "2",
+    "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0",
+]
+PREFIX = "sem_seg_head.predictor.class_embed."
+
+
+def test_two_cpu_processes_keep_the_query_gmm_identical(small_mosaic_root, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    output_dir = tmp_path / "out"
+    env = dict(os.environ, DETECTRON2_DATASETS=small_mosaic_root, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]),
+               CUDA_VISIBLE_DEVICES="", GMMSEG_TRAIN_NET=os.path.join(REPO_ROOT, "tools", "train_net.py"))
+    command = [sys.executable, str(driver), "--num-gpus", "2", "--config-file", GMM_CONFIG, *OPTS,
+               "OUTPUT_DIR", str(output_dir)]
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    dumps = [torch.load(output_dir / f"rank{r}_state.pth", weights_only=False) for r in range(2)]
+    assert [d["world_size"] for d in dumps] == [2, 2]
+    assert [d["iter"] for d in dumps] == [MAX_ITER, MAX_ITER]
+    rank0, rank1 = dumps[0]["state"], dumps[1]["state"]
+    assert rank0.keys() == rank1.keys()
+    buffers = ["means", "stds", "iteration", "memory.features", "memory.pointer", "memory.count", "memory.pending"]
+    for name in buffers:
+        assert torch.equal(rank0[PREFIX + name], rank1[PREFIX + name]), f"{name} differs between ranks"
+    # The EM ran once per step on the queries of both ranks.
+    assert int(rank0[PREFIX + "iteration"]) == MAX_ITER
+    count = rank0[PREFIX + "memory.count"]
+    assert int(count[-1].sum()) > 0 and int(count[:-1].sum()) > 0  # "no object" and real classes
+    assert not torch.all(rank0[PREFIX + "stds"] == 1.0)
+    for key, value in rank0.items():
+        if "running_" not in key and "num_batches_tracked" not in key:
+            assert torch.equal(value, rank1[key]), key
