@@ -213,6 +213,15 @@ def add_gmmseg_config(cfg: CN) -> None:
     # mode the others get their closest own-class component as contrastive
     # target.
     cfg.MODEL.GMM.E_STEP_SAMPLES = "correct"
+    # The memory starts empty, and a class is refitted only from its memory;
+    # until then its stds are 1 and it can never be classified correctly, so
+    # with the correctness filter above it would never be stored either. True:
+    # while a class's memory is empty, all its labelled samples count as
+    # correct (they seed its memory). This stands in for the official code's
+    # start, a memory full of random unit vectors, which fits every class to
+    # noise when it first appears. False: the plain filter (only useful if every
+    # class is classified correctly at least once before any M-step).
+    cfg.MODEL.GMM.BOOTSTRAP_EMPTY_CLASSES = True
     # Storage dtype of the memory: "float32" (official) or "float16". The
     # memory is C*M*K*D floats (6.1 GB in float32 for ADE20K's 150 classes at
     # K=32000), on every GPU and in every checkpoint; float16 halves that at a

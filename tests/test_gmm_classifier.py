@@ -160,7 +160,10 @@ def independent_targets(out, labels, num_components, mode):
 
 @pytest.mark.parametrize("mode", ["correct", "all"])
 def test_em_step_loss_and_memory_against_class_by_class_computation(mode):
-    clf = make_classifier(estep_samples=mode, max_samples_per_component=1000, memory_size=500)
+    # Without the bootstrap, which would count every sample of this first
+    # step as correct (all memories are empty); it has its own test.
+    clf = make_classifier(estep_samples=mode, max_samples_per_component=1000, memory_size=500,
+                          bootstrap_empty_classes=False)
     x, labels = make_batch(300)
     out = clf(x)
     targets, correct = independent_targets(out, labels, 3, mode)
@@ -256,8 +259,9 @@ def test_class_with_fewer_samples_than_components():
     out = clf(x)
     loss = clf.em_step(out, labels)
     assert torch.isfinite(loss)
-    correct = int((out.class_logits[:2].argmax(1) == 2).sum())
-    assert int(clf.memory.count[2].sum()) == correct
+    # Class 2's memory was empty: both samples seed it (bootstrap), whether
+    # classified correctly or not.
+    assert int(clf.memory.count[2].sum()) == 2
     assert torch.isfinite(clf.means).all() and torch.isfinite(clf.stds).all()
 
 
@@ -355,3 +359,34 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     assert_same_state(state(resumed), state(uninterrupted))
     # The M-step at step 6 ran in both (6 % 3 == 0): the check covers a refit.
     assert int(uninterrupted.iteration) == 8
+
+
+@pytest.mark.parametrize("bootstrap", [False, True])
+def test_class_first_seen_after_the_first_m_steps_gets_fitted_only_with_bootstrap(bootstrap):
+    """A class absent from the first batches: without the bootstrap its memory
+    stays empty (its samples are never classified correctly, so never stored)
+    and it is never predicted; with it, its first samples seed its memory and
+    it is then recognised like the others."""
+    # D = 64 as in the paper: the -sum log sigma gap between fitted (sigma ~0.1)
+    # and unfitted (sigma = 1) components grows with D.
+    clf = make_classifier(update_interval=1, embed_dim=64, bootstrap_empty_classes=bootstrap)
+    with torch.no_grad():
+        for step in range(6):
+            x, labels = make_batch(300, seed=step)
+            labels[labels == 3] = 255
+            clf.em_step(clf(x), labels)
+        assert clf.memory.count[3].sum() == 0 and torch.equal(clf.stds[3], torch.ones_like(clf.stds[3]))
+        for step in range(6, 12):
+            x, labels = make_batch(300, seed=step)
+            clf.em_step(clf(x), labels)
+        x, labels = make_batch(600, seed=100)
+        predicted = clf(x).class_logits.argmax(dim=1)
+    recall = (predicted[labels == 3] == 3).float().mean().item()
+    labelled = labels != 255
+    accuracy = (predicted[labelled] == labels[labelled]).float().mean().item()
+    if bootstrap:
+        assert clf.memory.count[3].sum() > 0 and bool((clf.stds[3] < 1).all())
+        assert recall > 0.9 and accuracy > 0.9, (recall, accuracy)
+    else:
+        assert clf.memory.count[3].sum() == 0 and torch.equal(clf.stds[3], torch.ones_like(clf.stds[3]))
+        assert recall == 0.0

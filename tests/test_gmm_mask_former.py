@@ -239,8 +239,9 @@ def test_in_correct_mode_only_correctly_classified_queries_are_stored():
     # the ones their embedding sits on.
     assert classifier.memory.count.max() == 1
 
-    # A misclassified query is left out of the memory.
-    classifier = _toy_classifier(update_interval=1000)
+    # A misclassified query is left out of the memory (once its class has a
+    # memory: the bootstrap of empty classes is off here).
+    classifier = _toy_classifier(update_interval=1000, bootstrap_empty_classes=False)
     criterion = _toy_criterion(classifier, INDICES, no_object_ratio=-1.0)
     _make_every_query_correct(classifier, final_queries)
     with torch.no_grad():

@@ -35,6 +35,16 @@ value of :meth:`~GaussianMixtureClassifier.em_step`, which, without gradient:
    (with ``estep_samples="all"``): then every labelled sample does, which
    suits labels that are reliable by construction (Mask2Former's matched
    queries, see ``gmmseg_d2.modeling.gmm_mask_classification``).
+   Exception (``bootstrap_empty_classes``, default on): the samples of a class
+   whose memory is still empty all count as correct. The memory starts empty
+   here, and a component is refitted only from its memory, so an unfitted
+   class keeps ``sigma = 1``, scores tens of nats below any fitted class
+   (the ``-sum log sigma`` term) and would never be classified correctly,
+   i.e. never stored: locked out for good. That hits every class absent from
+   the first batches (most of ADE20K's 150). The official code avoids it by
+   filling the memory with random unit vectors at start, so a class is fitted
+   (to noise, ``sigma ~ 0.16``) the first time it appears; we fit it to its
+   own first features instead.
 2. Before that, the participating samples of all ranks are all-gathered, so
    every rank runs the same E-step on the same data and ends with the same
    memory and parameters, equal to one process fed the concatenated batch.
@@ -145,6 +155,8 @@ class GaussianMixtureClassifier(nn.Module):
         estep_samples: ``"correct"`` (Sinkhorn on correctly classified samples;
             misclassified ones get their best own-class component as CE target)
             or ``"all"`` (official code: Sinkhorn on every labelled sample).
+        bootstrap_empty_classes: treat every labelled sample of a class whose
+            memory is empty as correctly classified (see the module docstring).
         memory_samples: ``"correct"`` (only correctly classified samples
             enter the memory, as the official code) or ``"all"`` (every sample
             that took part in the E-step; with ``estep_samples="correct"``
@@ -173,6 +185,7 @@ class GaussianMixtureClassifier(nn.Module):
         component_reduction: str = "max",
         estep_samples: str = "correct",
         memory_samples: str = "correct",
+        bootstrap_empty_classes: bool = True,
         memory_dtype: torch.dtype = torch.float32,
         ignore_value: int = 255,
     ) -> None:
@@ -203,6 +216,7 @@ class GaussianMixtureClassifier(nn.Module):
         self.component_reduction = component_reduction
         self.estep_samples = estep_samples
         self.memory_samples = memory_samples
+        self.bootstrap_empty_classes = bootstrap_empty_classes
         self.ignore_value = ignore_value
 
         # Embedding: projection -> LayerNorm -> L2 (the L2 step is in embed()).
@@ -247,6 +261,7 @@ class GaussianMixtureClassifier(nn.Module):
             "contrastive_loss_weight": gmm.CONTRASTIVE_LOSS_WEIGHT,
             "component_reduction": gmm.COMPONENT_REDUCTION,
             "estep_samples": gmm.E_STEP_SAMPLES,
+            "bootstrap_empty_classes": gmm.BOOTSTRAP_EMPTY_CLASSES,
             "memory_dtype": _MEMORY_DTYPES[gmm.MEMORY_DTYPE],
             "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         }
@@ -377,6 +392,14 @@ class GaussianMixtureClassifier(nn.Module):
         self._log_nonfinite(num_samples - int(finite.sum()))
         usable = labelled & finite
         correct = usable & (logits.argmax(dim=1) == labels)
+        if self.bootstrap_empty_classes:
+            # A class whose memory is still empty has never been fitted: its
+            # stds are still 1, so it scores tens of nats below every fitted
+            # class and none of its samples can ever be classified correctly.
+            # Counting its samples as correct lets it into the memory once.
+            # The memory is identical on all ranks, so they all agree on this.
+            empty_class = self.memory.count.sum(dim=1) == 0  # (C,)
+            correct = correct | (usable & empty_class[safe_labels])
         takes_part = correct if self.estep_samples == "correct" else usable
         local = torch.nonzero(takes_part).squeeze(1)
 
