@@ -244,8 +244,8 @@ def add_gmmseg_config(cfg: CN) -> None:
     cfg.TEST.VISUALIZE = True
 
     # ---------------------------------------------- sliding-window inference
-    # PerPixelSegmentor at test time: whole-image inference by default; when
-    # ENABLED, each image is cut into WINDOW-sized (h, w) windows every STRIDE
+    # PerPixelSegmentor and MaskFormer at test time: whole-image inference by
+    # default; when ENABLED, each image is cut into WINDOW-sized (h, w) windows every STRIDE
     # (h, w) pixels, the last window of each row/column aligned to the image
     # border (images smaller than WINDOW are padded, the padding cropped from
     # the result). Logits and anomaly scores of overlapping windows are

@@ -6,7 +6,7 @@ model is backbone → ``sem_seg_head`` (:class:`MaskFormerHead`) → per-query
 class logits and mask logits; training matches queries to per-class target
 masks (:class:`SetCriterion`), inference combines them into per-class maps.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from ..anomaly import (
     mask_density_anomaly_score,
 )
 from ..gmm_mask_classification import build_mask_classification_criterion
+from .per_pixel_segmentor import (
+    sliding_window_starts, sliding_window_weights, validated_sliding_window_settings,
+)
 
 __all__ = ["MaskFormer"]
 
@@ -38,6 +41,12 @@ class MaskFormer(nn.Module):
     the GMM class head (``MODEL.MASK_FORMER.CLASSIFIER "gmm"``, see
     :mod:`gmmseg_d2.modeling.gmm_mask_classification`), one of
     :data:`~gmmseg_d2.modeling.anomaly.MASK_DENSITY_ANOMALY_SCORES`.
+
+    Inference runs on the whole (padded) batch by default, or, with
+    ``sliding_window`` (``TEST.SLIDING_WINDOW.*``, as
+    :class:`~gmmseg_d2.modeling.meta_arch.PerPixelSegmentor`), image by image
+    on overlapping windows whose ``sem_seg`` and ``anomaly_score`` maps are
+    blended (see :meth:`sliding_window_inference`).
     """
 
     @configurable
@@ -60,6 +69,12 @@ class MaskFormer(nn.Module):
         panoptic_on: bool = False,
         instance_on: bool = False,
         test_topk_per_image: int = 100,
+        sliding_window: bool = False,
+        window_size: Union[int, Sequence[int]] = (512, 512),
+        window_stride: Union[int, Sequence[int]] = (341, 341),
+        window_blending: str = "uniform",
+        gaussian_sigma: float = 0.125,
+        windows_per_batch: int = 8,
     ):
         """
         Args:
@@ -82,6 +97,13 @@ class MaskFormer(nn.Module):
                 for config compatibility.
             semantic_on, panoptic_on, instance_on: which outputs to produce;
                 this project implements semantic segmentation only.
+            sliding_window: sliding-window inference instead of whole-image.
+            window_size: window ``(h, w)`` (or one int for both).
+            window_stride: offset ``(h, w)`` between neighbouring windows; at
+                most the window size, so that windows cover the image.
+            window_blending: "uniform" or "gaussian" weights for overlapping windows.
+            gaussian_sigma: std of the Gaussian weights as a fraction of the window size.
+            windows_per_batch: at most this many windows go through the model at once.
         """
         super().__init__()
         if panoptic_on or instance_on:
@@ -108,6 +130,13 @@ class MaskFormer(nn.Module):
         self.metadata = metadata
         self.test_topk_per_image = test_topk_per_image
 
+        self.window_size, self.window_stride = validated_sliding_window_settings(
+            window_size, window_stride, window_blending, gaussian_sigma, windows_per_batch)
+        self.sliding_window = sliding_window
+        self.window_blending = window_blending
+        self.gaussian_sigma = gaussian_sigma
+        self.windows_per_batch = windows_per_batch
+
     @classmethod
     def from_config(cls, cfg) -> Dict:
         from detectron2.data import MetadataCatalog
@@ -118,6 +147,7 @@ class MaskFormer(nn.Module):
             raise ValueError(f"MODEL.MASK_FORMER.TEST.ANOMALY_SCORE {test.ANOMALY_SCORE!r} needs the GMM class "
                              "head (MODEL.MASK_FORMER.CLASSIFIER 'gmm')")
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
+        window = cfg.TEST.SLIDING_WINDOW
         return {
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
@@ -137,14 +167,24 @@ class MaskFormer(nn.Module):
             "panoptic_on": test.PANOPTIC_ON,
             "instance_on": test.INSTANCE_ON,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "sliding_window": window.ENABLED,
+            "window_size": tuple(window.WINDOW),
+            "window_stride": tuple(window.STRIDE),
+            "window_blending": window.BLENDING,
+            "gaussian_sigma": window.GAUSSIAN_SIGMA,
+            "windows_per_batch": window.WINDOWS_PER_BATCH,
         }
 
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """``(3, H, W)`` input image → normalised float image on the model's device."""
+        return (image.to(self.device) - self.pixel_mean) / self.pixel_std
+
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        images = [(record["image"].to(self.device) - self.pixel_mean) / self.pixel_std for record in batched_inputs]
+        images = [self.normalize(record["image"]) for record in batched_inputs]
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def forward(self, batched_inputs: List[Dict]):
@@ -154,6 +194,8 @@ class MaskFormer(nn.Module):
         ``"instances"`` with ``gt_classes`` and ``gt_masks`` (as the
         ``mask_former_semantic`` dataset mapper makes them).
         """
+        if not self.training and self.sliding_window:
+            return [self.sliding_window_record(record) for record in batched_inputs]
         images = self.preprocess_image(batched_inputs)
         outputs = self.sem_seg_head(self.backbone(images.tensor))
         if self.training:
@@ -197,6 +239,81 @@ class MaskFormer(nn.Module):
                 anomaly = sem_seg_postprocess(anomaly[None], image_size, height, width)[0]
             results.append({"sem_seg": sem_seg, "anomaly_score": anomaly})
         return results
+
+    def sliding_window_record(self, record: Dict) -> Dict[str, torch.Tensor]:
+        """One input record's output by :meth:`sliding_window_inference`, resized
+        to the record's ``height``/``width`` as the whole-image path does."""
+        image = self.normalize(record["image"])
+        image_size = tuple(image.shape[-2:])
+        height, width = record.get("height", image_size[0]), record.get("width", image_size[1])
+        outputs = self.sliding_window_inference(image)
+        return {
+            "sem_seg": sem_seg_postprocess(outputs["sem_seg"], image_size, height, width),
+            "anomaly_score": sem_seg_postprocess(outputs["anomaly_score"][None], image_size, height, width)[0],
+        }
+
+    @torch.no_grad()
+    def sliding_window_inference(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Blended window predictions for one normalised image ``(3, H, W)``.
+
+        Returns ``{"sem_seg": (C, H, W), "anomaly_score": (H, W)}`` (float32) at
+        the image's size. Windows are placed as in
+        :meth:`PerPixelSegmentor.sliding_window_inference`: an image smaller
+        than the window is zero-padded (the mean colour, as batch padding) to
+        the window size first; every window then lies inside the (padded)
+        image, the last of each row and column aligned to its border. Each
+        window ``(3, h, w)`` goes through backbone and ``sem_seg_head`` (padded
+        to ``size_divisibility`` like a batch) and :meth:`semantic_inference`
+        turns its queries into ``(C, h, w)`` scores and an ``(h, w)`` anomaly
+        map exactly as for a whole image (including the GMM densities of
+        :meth:`query_density_anomaly`). Each output pixel is
+        ``Σ_k w_k(p) y_k(p) / Σ_k w_k(p)`` over the windows ``k`` covering it,
+        with ``w_k`` the window's blending weights at ``p``'s position in it.
+
+        The masks are combined with the classes at the window's input
+        resolution whatever ``sem_seg_postprocess_before_inference`` says: the
+        blend needs every window on the common pixel grid of the input image;
+        the caller resizes the blended maps to the original size.
+        """
+        height, width = image.shape[-2:]
+        win_h, win_w = self.window_size
+        pad_h, pad_w = max(win_h - height, 0), max(win_w - width, 0)
+        if pad_h or pad_w:
+            image = F.pad(image, (0, pad_w, 0, pad_h))
+        full_h, full_w = image.shape[-2:]
+        boxes = [(y, x)
+                 for y in sliding_window_starts(full_h, win_h, self.window_stride[0])
+                 for x in sliding_window_starts(full_w, win_w, self.window_stride[1])]
+
+        weights = sliding_window_weights((win_h, win_w), self.window_blending, self.gaussian_sigma,
+                                         device=image.device)
+        weight_sum = weights.new_zeros(full_h, full_w)
+        score_sum, anomaly_sum = None, weights.new_zeros(full_h, full_w)
+        for first in range(0, len(boxes), self.windows_per_batch):
+            chunk = boxes[first:first + self.windows_per_batch]
+            crops = ImageList.from_tensors([image[:, y:y + win_h, x:x + win_w] for y, x in chunk],
+                                           self.size_divisibility)
+            outputs = self.sem_seg_head(self.backbone(crops.tensor))
+            query_anomaly = self.query_density_anomaly(outputs)
+            padded_size = crops.tensor.shape[-2:]
+            for index, (y, x) in enumerate(chunk):
+                # One window's masks at a time: (Q, h, w) at full resolution is
+                # the memory peak (100 x 1024 x 1024 floats = 0.4 GB), so the
+                # chunk's windows are not upsampled together.
+                masks = F.interpolate(outputs["pred_masks"][index:index + 1], size=padded_size,
+                                      mode="bilinear", align_corners=False)[0, :, :win_h, :win_w]
+                sem_seg, anomaly = self.semantic_inference(
+                    outputs["pred_logits"][index], masks,
+                    None if query_anomaly is None else query_anomaly[index])
+                if score_sum is None:
+                    score_sum = weights.new_zeros(sem_seg.shape[0], full_h, full_w)
+                score_sum[:, y:y + win_h, x:x + win_w] += sem_seg.float() * weights
+                anomaly_sum[y:y + win_h, x:x + win_w] += anomaly.float() * weights
+                weight_sum[y:y + win_h, x:x + win_w] += weights
+        return {
+            "sem_seg": (score_sum / weight_sum)[:, :height, :width],
+            "anomaly_score": (anomaly_sum / weight_sum)[:height, :width],
+        }
 
     @staticmethod
     def query_density_anomaly(outputs: Dict) -> Optional[torch.Tensor]:

@@ -10,7 +10,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
 __all__ = ["PerPixelSegmentor", "SLIDING_WINDOW_BLENDINGS", "sliding_window_starts",
-           "sliding_window_weights"]
+           "sliding_window_weights", "validated_sliding_window_settings"]
 
 #: Values of ``TEST.SLIDING_WINDOW.BLENDING``.
 SLIDING_WINDOW_BLENDINGS = ("uniform", "gaussian")
@@ -24,6 +24,29 @@ def _pair(value: Union[int, Sequence[int]], name: str) -> Tuple[int, int]:
         raise ValueError(f"TEST.SLIDING_WINDOW.{name} must be two positive integers (h, w), "
                          f"got {value!r}")
     return pair
+
+
+def validated_sliding_window_settings(
+    window_size: Union[int, Sequence[int]], window_stride: Union[int, Sequence[int]], blending: str,
+    gaussian_sigma: float, windows_per_batch: int,
+) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """Check ``TEST.SLIDING_WINDOW`` settings; returns ``(window (h, w), stride (h, w))``.
+
+    Shared by every meta-architecture that offers sliding-window inference.
+    """
+    window, stride = _pair(window_size, "WINDOW"), _pair(window_stride, "STRIDE")
+    if any(s > w for s, w in zip(stride, window)):
+        raise ValueError(f"TEST.SLIDING_WINDOW.STRIDE {stride} exceeds WINDOW "
+                         f"{window}: windows would leave pixels uncovered")
+    if blending not in SLIDING_WINDOW_BLENDINGS:
+        raise ValueError(f"Unknown TEST.SLIDING_WINDOW.BLENDING {blending!r}; "
+                         f"choose one of {SLIDING_WINDOW_BLENDINGS}")
+    if not gaussian_sigma > 0:
+        raise ValueError(f"TEST.SLIDING_WINDOW.GAUSSIAN_SIGMA must be > 0, got {gaussian_sigma}")
+    if not (isinstance(windows_per_batch, int) and windows_per_batch > 0):
+        raise ValueError("TEST.SLIDING_WINDOW.WINDOWS_PER_BATCH must be a positive integer, "
+                         f"got {windows_per_batch!r}")
+    return window, stride
 
 
 def sliding_window_starts(length: int, window: int, stride: int) -> List[int]:
@@ -103,20 +126,8 @@ class PerPixelSegmentor(SemanticSegmentor):
                 sem_seg_head, pixel_mean, pixel_std).
         """
         super().__init__(**kwargs)
-        self.window_size = _pair(window_size, "WINDOW")
-        self.window_stride = _pair(window_stride, "STRIDE")
-        if any(s > w for s, w in zip(self.window_stride, self.window_size)):
-            raise ValueError(f"TEST.SLIDING_WINDOW.STRIDE {self.window_stride} exceeds WINDOW "
-                             f"{self.window_size}: windows would leave pixels uncovered")
-        if window_blending not in SLIDING_WINDOW_BLENDINGS:
-            raise ValueError(f"Unknown TEST.SLIDING_WINDOW.BLENDING {window_blending!r}; "
-                             f"choose one of {SLIDING_WINDOW_BLENDINGS}")
-        if not gaussian_sigma > 0:
-            raise ValueError("TEST.SLIDING_WINDOW.GAUSSIAN_SIGMA must be > 0, "
-                             f"got {gaussian_sigma}")
-        if not (isinstance(windows_per_batch, int) and windows_per_batch > 0):
-            raise ValueError("TEST.SLIDING_WINDOW.WINDOWS_PER_BATCH must be a positive integer, "
-                             f"got {windows_per_batch!r}")
+        self.window_size, self.window_stride = validated_sliding_window_settings(
+            window_size, window_stride, window_blending, gaussian_sigma, windows_per_batch)
         self.sliding_window = sliding_window
         self.windows_per_batch = windows_per_batch
         self.window_blending = window_blending
