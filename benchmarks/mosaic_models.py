@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Softmax vs GMM models on the embedded mosaic: accuracy, anomaly, speed.
 
-Per-pixel families (fcn_R18, deeplabv3plus_R18) and mask-classification ones
-(maskformer2_R18: MSP, max-logit, entropy and RbA scores for softmax models).
+Per-pixel families (fcn_R18, deeplabv3plus_R18) and the mask-classification
+one (maskformer2_R18, whose GMM variant is gmmseg_maskformer2_R18).
 
 For every (config, seed) this trains the model with ``tools/train_net.py``
 (same schedule and seed for both classifiers), then evaluates the checkpoint
-once per anomaly score the model offers — the GMM density score for GMM
-models; MSP, max-logit and entropy for softmax models — and reports:
+once per anomaly score the model offers — per-pixel: the density score for GMM
+models, MSP, max-logit and entropy for softmax ones; Mask2Former: MSP,
+max-logit, entropy and RbA, plus the three mask-level density rules for the GMM
+model — and reports:
 
 * mIoU / pixel accuracy on ``mosaic_sem_seg_val``,
 * AP / FPR95 / AUROC on ``mosaic_anomaly_val`` for each anomaly score,
@@ -33,6 +35,16 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOFTMAX_SCORES = ("msp", "max_logit", "entropy")
 #: Mask-classification (Mask2Former) softmax models also offer RbA.
 MASK_CLASSIFICATION_SCORES = SOFTMAX_SCORES + ("rba",)
+#: GMM Mask2Former: the mask-level density rules, and the softmax-style scores
+#: computed on its GMM class logits for comparison.
+MASK_DENSITY_SCORES = ("density_mask_avg", "density_min", "density_max")
+#: Config files whose name is not ``<family>_<classifier>.yaml``.
+CONFIG_NAMES = {("maskformer2_R18", "gmm"): "gmmseg_maskformer2_R18"}
+
+
+def config_for(family: str, classifier: str) -> str:
+    name = CONFIG_NAMES.get((family, classifier), f"{family}_{classifier}")
+    return os.path.join("configs", "mosaic", f"{name}.yaml")
 
 
 def run(command: List[str], log_path: str) -> str:
@@ -60,8 +72,9 @@ def inference_seconds_per_image(log: str) -> Optional[float]:
     return float(match.group(1)) if match else None
 
 
-def train_and_evaluate(config: str, seed: int, output_root: str, python: str,
+def train_and_evaluate(family: str, classifier: str, seed: int, output_root: str, python: str,
                        extra_opts: List[str]) -> Dict:
+    config = config_for(family, classifier)
     name = f"{os.path.splitext(os.path.basename(config))[0]}_seed{seed}"
     output_dir = os.path.join(output_root, name)
     os.makedirs(output_dir, exist_ok=True)
@@ -72,16 +85,18 @@ def train_and_evaluate(config: str, seed: int, output_root: str, python: str,
     with open(os.path.join(output_dir, "eval_results.json")) as f:
         results = json.load(f)
     record = {
-        "config": config, "seed": seed,
+        "config": config, "family": family, "classifier": classifier, "seed": seed,
         "mIoU": results["mosaic_sem_seg_val"]["sem_seg"]["mIoU"],
         "pACC": results["mosaic_sem_seg_val"]["sem_seg"]["pACC"],
         "step_time": median_step_time(output_dir),
         "anomaly": {},
     }
-    is_gmm = "gmm" in os.path.basename(config)
-    is_mask_classification = "maskformer" in os.path.basename(config)
-    if is_gmm:
-        scores = ["density"]
+    is_gmm = classifier == "gmm"
+    is_mask_classification = "maskformer" in family
+    if is_gmm and is_mask_classification:
+        scores = list(MASK_DENSITY_SCORES + MASK_CLASSIFICATION_SCORES)
+    elif is_gmm:
+        scores = ["density"]  # the per-pixel GMM model's only score, its default
     else:
         scores = list(MASK_CLASSIFICATION_SCORES if is_mask_classification else SOFTMAX_SCORES)
     score_key = ("MODEL.MASK_FORMER.TEST.ANOMALY_SCORE" if is_mask_classification
@@ -90,7 +105,7 @@ def train_and_evaluate(config: str, seed: int, output_root: str, python: str,
     for score in scores:
         eval_dir = os.path.join(output_dir, f"eval_{score}")
         opts = ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", eval_dir, *extra_opts]
-        if not is_gmm:
+        if score != "density":
             opts += [score_key, score]
         log = run([python, "tools/train_net.py", "--config-file", config, "--eval-only", *opts],
                   os.path.join(output_dir, f"eval_{score}.log"))
@@ -104,12 +119,9 @@ def format_table(records: List[Dict]) -> str:
     lines = ["| model | seed | mIoU | pixel acc | anomaly score | AP | FPR95 | AUROC | "
              "step s | step ratio vs softmax | inference s/img |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    softmax_step = {}
+    softmax_step = {(r["family"], r["seed"]): r["step_time"] for r in records if r["classifier"] == "softmax"}
     for r in records:
-        if "softmax" in r["config"]:
-            softmax_step[(r["config"].replace("softmax", ""), r["seed"])] = r["step_time"]
-    for r in records:
-        base = softmax_step.get((r["config"].replace("gmm", ""), r["seed"]))
+        base = softmax_step.get((r["family"], r["seed"]))
         ratio = f"{r['step_time'] / base:.2f}" if base else "-"
         for score, m in r["anomaly"].items():
             lines.append(
@@ -122,7 +134,8 @@ def format_table(records: List[Dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["fcn_R18", "deeplabv3plus_R18"],
-                        help="mosaic model families; each runs as <name>_softmax and <name>_gmm")
+                        help="mosaic model families (fcn_R18, deeplabv3plus_R18, maskformer2_R18); each "
+                             "runs as <name>_softmax and <name>_gmm (gmmseg_maskformer2_R18 for Mask2Former)")
     parser.add_argument("--classifiers", nargs="+", default=["softmax", "gmm"],
                         help="which of <name>_softmax / <name>_gmm to run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -133,8 +146,7 @@ def main() -> None:
     for family in args.configs:
         for seed in args.seeds:
             for kind in args.classifiers:
-                config = os.path.join("configs", "mosaic", f"{family}_{kind}.yaml")
-                records.append(train_and_evaluate(config, seed, args.output_dir, sys.executable,
+                records.append(train_and_evaluate(family, kind, seed, args.output_dir, sys.executable,
                                                   args.opts))
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
