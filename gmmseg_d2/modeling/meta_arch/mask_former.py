@@ -23,9 +23,7 @@ from ..anomaly import (
     mask_density_anomaly_score,
 )
 from ..gmm_mask_classification import build_mask_classification_criterion
-from .per_pixel_segmentor import (
-    sliding_window_starts, sliding_window_weights, validated_sliding_window_settings,
-)
+from .per_pixel_segmentor import blend_sliding_windows, validated_sliding_window_settings
 
 __all__ = ["MaskFormer"]
 
@@ -257,63 +255,37 @@ class MaskFormer(nn.Module):
         """Blended window predictions for one normalised image ``(3, H, W)``.
 
         Returns ``{"sem_seg": (C, H, W), "anomaly_score": (H, W)}`` (float32) at
-        the image's size. Windows are placed as in
-        :meth:`PerPixelSegmentor.sliding_window_inference`: an image smaller
-        than the window is zero-padded (the mean colour, as batch padding) to
-        the window size first; every window then lies inside the (padded)
-        image, the last of each row and column aligned to its border. Each
-        window ``(3, h, w)`` goes through backbone and ``sem_seg_head`` (padded
-        to ``size_divisibility`` like a batch) and :meth:`semantic_inference`
-        turns its queries into ``(C, h, w)`` scores and an ``(h, w)`` anomaly
-        map exactly as for a whole image (including the GMM densities of
-        :meth:`query_density_anomaly`). Each output pixel is
-        ``Σ_k w_k(p) y_k(p) / Σ_k w_k(p)`` over the windows ``k`` covering it,
-        with ``w_k`` the window's blending weights at ``p``'s position in it.
+        the image's size; windows are placed and blended by
+        :func:`~.per_pixel_segmentor.blend_sliding_windows`. Each window
+        ``(3, h, w)`` goes through backbone and ``sem_seg_head`` (padded to
+        ``size_divisibility`` like a batch) and :meth:`semantic_inference` turns
+        its queries into ``(C, h, w)`` scores and an ``(h, w)`` anomaly map
+        exactly as for a whole image (including the GMM densities of
+        :meth:`query_density_anomaly`).
 
         The masks are combined with the classes at the window's input
         resolution whatever ``sem_seg_postprocess_before_inference`` says: the
         blend needs every window on the common pixel grid of the input image;
         the caller resizes the blended maps to the original size.
         """
-        height, width = image.shape[-2:]
-        win_h, win_w = self.window_size
-        pad_h, pad_w = max(win_h - height, 0), max(win_w - width, 0)
-        if pad_h or pad_w:
-            image = F.pad(image, (0, pad_w, 0, pad_h))
-        full_h, full_w = image.shape[-2:]
-        boxes = [(y, x)
-                 for y in sliding_window_starts(full_h, win_h, self.window_stride[0])
-                 for x in sliding_window_starts(full_w, win_w, self.window_stride[1])]
-
-        weights = sliding_window_weights((win_h, win_w), self.window_blending, self.gaussian_sigma,
-                                         device=image.device)
-        weight_sum = weights.new_zeros(full_h, full_w)
-        score_sum, anomaly_sum = None, weights.new_zeros(full_h, full_w)
-        for first in range(0, len(boxes), self.windows_per_batch):
-            chunk = boxes[first:first + self.windows_per_batch]
-            crops = ImageList.from_tensors([image[:, y:y + win_h, x:x + win_w] for y, x in chunk],
-                                           self.size_divisibility)
-            outputs = self.sem_seg_head(self.backbone(crops.tensor))
+        def predict(crops: List[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+            win_h, win_w = crops[0].shape[-2:]
+            batch = ImageList.from_tensors(crops, self.size_divisibility)
+            outputs = self.sem_seg_head(self.backbone(batch.tensor))
             query_anomaly = self.query_density_anomaly(outputs)
-            padded_size = crops.tensor.shape[-2:]
-            for index, (y, x) in enumerate(chunk):
+            predictions = []
+            for index in range(len(crops)):
                 # One window's masks at a time: (Q, h, w) at full resolution is
                 # the memory peak (100 x 1024 x 1024 floats = 0.4 GB), so the
-                # chunk's windows are not upsampled together.
-                masks = F.interpolate(outputs["pred_masks"][index:index + 1], size=padded_size,
+                # batch's windows are not upsampled together.
+                masks = F.interpolate(outputs["pred_masks"][index:index + 1], size=batch.tensor.shape[-2:],
                                       mode="bilinear", align_corners=False)[0, :, :win_h, :win_w]
-                sem_seg, anomaly = self.semantic_inference(
-                    outputs["pred_logits"][index], masks,
-                    None if query_anomaly is None else query_anomaly[index])
-                if score_sum is None:
-                    score_sum = weights.new_zeros(sem_seg.shape[0], full_h, full_w)
-                score_sum[:, y:y + win_h, x:x + win_w] += sem_seg.float() * weights
-                anomaly_sum[y:y + win_h, x:x + win_w] += anomaly.float() * weights
-                weight_sum[y:y + win_h, x:x + win_w] += weights
-        return {
-            "sem_seg": (score_sum / weight_sum)[:, :height, :width],
-            "anomaly_score": (anomaly_sum / weight_sum)[:height, :width],
-        }
+                predictions.append(self.semantic_inference(
+                    outputs["pred_logits"][index], masks, None if query_anomaly is None else query_anomaly[index]))
+            return predictions
+
+        return blend_sliding_windows(image, predict, self.window_size, self.window_stride, self.window_blending,
+                                     self.gaussian_sigma, self.windows_per_batch)
 
     @staticmethod
     def query_density_anomaly(outputs: Dict) -> Optional[torch.Tensor]:

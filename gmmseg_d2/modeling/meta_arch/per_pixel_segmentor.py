@@ -1,5 +1,5 @@
 """Per-pixel semantic segmentor that also reports a per-pixel anomaly score."""
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
 __all__ = ["PerPixelSegmentor", "SLIDING_WINDOW_BLENDINGS", "sliding_window_starts",
-           "sliding_window_weights", "validated_sliding_window_settings"]
+           "sliding_window_weights", "validated_sliding_window_settings", "blend_sliding_windows"]
 
 #: Values of ``TEST.SLIDING_WINDOW.BLENDING``.
 SLIDING_WINDOW_BLENDINGS = ("uniform", "gaussian")
@@ -81,6 +81,51 @@ def sliding_window_weights(window: Tuple[int, int], blending: str, gaussian_sigm
         return (profile(height)[:, None] * profile(width)[None, :]).float()
     raise ValueError(f"Unknown TEST.SLIDING_WINDOW.BLENDING {blending!r}; "
                      f"choose one of {SLIDING_WINDOW_BLENDINGS}")
+
+
+def blend_sliding_windows(
+    image: torch.Tensor,
+    predict: Callable[[List[torch.Tensor]], List[Tuple[torch.Tensor, torch.Tensor]]],
+    window_size: Tuple[int, int], window_stride: Tuple[int, int], blending: str, gaussian_sigma: float,
+    windows_per_batch: int,
+) -> Dict[str, torch.Tensor]:
+    """Sliding-window prediction of one normalised image ``(3, H, W)``.
+
+    An image smaller than the window is zero-padded (the mean colour, as batch
+    padding) to the window size first; windows then lie inside the (padded)
+    image every ``window_stride``, the last of each row and column aligned to
+    its border. ``predict`` maps up to ``windows_per_batch`` crops ``(3, h, w)``
+    to one ``((C, h, w) scores, (h, w) anomaly)`` pair per crop. Each output
+    pixel is ``Σ_k w_k(p) y_k(p) / Σ_k w_k(p)`` over the windows ``k`` covering
+    it, with ``w_k`` the window's blending weights at ``p``'s position in it.
+
+    Returns ``{"sem_seg": (C, H, W), "anomaly_score": (H, W)}`` (float32).
+    """
+    height, width = image.shape[-2:]
+    win_h, win_w = window_size
+    pad_h, pad_w = max(win_h - height, 0), max(win_w - width, 0)
+    if pad_h or pad_w:
+        image = F.pad(image, (0, pad_w, 0, pad_h))
+    full_h, full_w = image.shape[-2:]
+    boxes = [(y, x)
+             for y in sliding_window_starts(full_h, win_h, window_stride[0])
+             for x in sliding_window_starts(full_w, win_w, window_stride[1])]
+    weights = sliding_window_weights((win_h, win_w), blending, gaussian_sigma, device=image.device)
+    weight_sum = weights.new_zeros(full_h, full_w)
+    score_sum, anomaly_sum = None, weights.new_zeros(full_h, full_w)
+    for first in range(0, len(boxes), windows_per_batch):
+        chunk = boxes[first:first + windows_per_batch]
+        predictions = predict([image[:, y:y + win_h, x:x + win_w] for y, x in chunk])
+        for (y, x), (scores, anomaly) in zip(chunk, predictions):
+            if score_sum is None:
+                score_sum = weights.new_zeros(scores.shape[0], full_h, full_w)
+            score_sum[:, y:y + win_h, x:x + win_w] += scores.float() * weights
+            anomaly_sum[y:y + win_h, x:x + win_w] += anomaly.float() * weights
+            weight_sum[y:y + win_h, x:x + win_w] += weights
+    return {
+        "sem_seg": (score_sum / weight_sum)[:, :height, :width],
+        "anomaly_score": (anomaly_sum / weight_sum)[:height, :width],
+    }
 
 
 @META_ARCH_REGISTRY.register()
@@ -194,46 +239,18 @@ class PerPixelSegmentor(SemanticSegmentor):
 
     @torch.no_grad()
     def sliding_window_inference(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Blended window predictions for one normalized image ``(3, H, W)``.
-
-        Returns ``{"sem_seg": (C, H, W), "anomaly_score": (H, W)}`` at the
-        image's size. An image smaller than the window is zero-padded (the
-        mean colour, as batch padding) to the window size first; every window
-        then lies inside the (padded) image, the last of each row and column
-        aligned to its border. Each output pixel is
-        ``Σ_k w_k(p) y_k(p) / Σ_k w_k(p)`` over the windows ``k`` covering it,
-        with ``w_k`` the window's blending weights at ``p``'s position in it.
+        """Blended window predictions for one normalized image ``(3, H, W)``:
+        ``{"sem_seg": (C, H, W) logits, "anomaly_score": (H, W)}`` at the image's
+        size (see :func:`blend_sliding_windows` for window placement and blending).
         """
-        height, width = image.shape[-2:]
-        win_h, win_w = self.window_size
-        pad_h, pad_w = max(win_h - height, 0), max(win_w - width, 0)
-        if pad_h or pad_w:
-            image = F.pad(image, (0, pad_w, 0, pad_h))
-        full_h, full_w = image.shape[-2:]
-        boxes = [(y, x)
-                 for y in sliding_window_starts(full_h, win_h, self.window_stride[0])
-                 for x in sliding_window_starts(full_w, win_w, self.window_stride[1])]
-
-        weights = sliding_window_weights((win_h, win_w), self.window_blending,
-                                         self.gaussian_sigma, device=image.device)
-        weight_sum = weights.new_zeros(full_h, full_w)
-        logit_sum, score_sum = None, weights.new_zeros(full_h, full_w)
-        for first in range(0, len(boxes), self.windows_per_batch):
-            chunk = boxes[first:first + self.windows_per_batch]
-            crops = ImageList.from_tensors([image[:, y:y + win_h, x:x + win_w] for y, x in chunk],
-                                           self.backbone.size_divisibility,
+        def predict(crops: List[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+            win_h, win_w = crops[0].shape[-2:]
+            batch = ImageList.from_tensors(crops, self.backbone.size_divisibility,
                                            padding_constraints=self.backbone.padding_constraints)
-            outputs, _ = self.sem_seg_head(self.backbone(crops.tensor))
+            outputs, _ = self.sem_seg_head(self.backbone(batch.tensor))
             # The head's outputs are at the (possibly size-divisibility padded) crop size.
-            logits = outputs["sem_seg"][..., :win_h, :win_w].float()
-            scores = outputs["anomaly_score"][..., :win_h, :win_w].float()
-            if logit_sum is None:
-                logit_sum = logits.new_zeros(logits.shape[1], full_h, full_w)
-            for index, (y, x) in enumerate(chunk):
-                logit_sum[:, y:y + win_h, x:x + win_w] += logits[index] * weights
-                score_sum[y:y + win_h, x:x + win_w] += scores[index] * weights
-                weight_sum[y:y + win_h, x:x + win_w] += weights
-        return {
-            "sem_seg": (logit_sum / weight_sum)[:, :height, :width],
-            "anomaly_score": (score_sum / weight_sum)[:height, :width],
-        }
+            return [(outputs["sem_seg"][index, :, :win_h, :win_w], outputs["anomaly_score"][index, :win_h, :win_w])
+                    for index in range(len(crops))]
+
+        return blend_sliding_windows(image, predict, self.window_size, self.window_stride, self.window_blending,
+                                     self.gaussian_sigma, self.windows_per_batch)
