@@ -60,21 +60,29 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
-def test_two_cpu_processes_keep_gmm_buffers_identical(small_mosaic_root, tmp_path):
+def train_on_two_cpu_processes(config_file, opts, max_iter, datasets_root, tmp_path):
+    """Run tools/train_net.py --num-gpus 2 (gloo, CPU) through DRIVER, writing to
+    ``tmp_path / "out"``; returns both ranks' final model state dicts after
+    checking they ran ``max_iter`` steps."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     output_dir = tmp_path / "out"
-    env = dict(os.environ, DETECTRON2_DATASETS=small_mosaic_root, OMP_NUM_THREADS="1",
+    env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]),
                CUDA_VISIBLE_DEVICES="", GMMSEG_TRAIN_NET=os.path.join(REPO_ROOT, "tools", "train_net.py"))
-    command = [sys.executable, str(driver), "--num-gpus", "2", "--config-file", GMM_CONFIG, *OPTS, "OUTPUT_DIR", str(output_dir)]
+    command = [sys.executable, str(driver), "--num-gpus", "2", "--config-file", config_file, *opts,
+               "OUTPUT_DIR", str(output_dir)]
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     dumps = [torch.load(output_dir / f"rank{r}_state.pth", weights_only=False) for r in range(2)]
     assert [d["world_size"] for d in dumps] == [2, 2]
-    assert [d["iter"] for d in dumps] == [MAX_ITER, MAX_ITER]
-    rank0, rank1 = dumps[0]["state"], dumps[1]["state"]
+    assert [d["iter"] for d in dumps] == [max_iter, max_iter]
+    return dumps[0]["state"], dumps[1]["state"]
+
+
+def test_two_cpu_processes_keep_gmm_buffers_identical(small_mosaic_root, tmp_path):
+    rank0, rank1 = train_on_two_cpu_processes(GMM_CONFIG, OPTS, MAX_ITER, small_mosaic_root, tmp_path)
     assert rank0.keys() == rank1.keys()
     gmm = [k for k in rank0 if k.startswith("sem_seg_head.predictor.")
            and not any(part in k for part in ("projection", "embedding_norm", "class_norm"))]
@@ -90,6 +98,6 @@ def test_two_cpu_processes_keep_gmm_buffers_identical(small_mosaic_root, tmp_pat
     for key, value in rank0.items():
         if "running_" not in key and "num_batches_tracked" not in key:
             assert torch.equal(value, rank1[key]), key
-    final = torch.load(output_dir / "model_final.pth", weights_only=False)["model"]
+    final = torch.load(tmp_path / "out" / "model_final.pth", weights_only=False)["model"]
     for key in gmm:
         assert torch.equal(final[key], rank0[key]), key

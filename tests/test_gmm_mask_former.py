@@ -17,6 +17,7 @@ from gmmseg_d2.modeling.gmm_mask_classification import (
     QUERY_IGNORE_LABEL, GMMSetCriterion, QueryGaussianMixtureClassifier, query_em_labels,
 )
 from tests.conftest import REPO_ROOT
+from tests.test_mask_former import mean_loss_per_pass, mosaic_batches
 
 GMM_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "gmmseg_maskformer2_R18.yaml")
 SOFTMAX_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "maskformer2_R18_softmax.yaml")
@@ -370,34 +371,17 @@ def test_official_softmax_checkpoint_loads_all_but_the_class_head(tmp_path, capl
 
 
 def test_training_steps_on_mosaic_reduce_the_loss_and_fill_the_memories(small_mosaic_root, one_torch_thread):
-    from detectron2.data import DatasetCatalog
-
-    from gmmseg_d2.data.dataset_mappers import MaskFormerSemanticDatasetMapper
-
     cfg = _cfg(GMM_CONFIG, *SMALL)
     np.random.seed(0)
     model = _build(cfg).train()
     head = model.sem_seg_head.predictor.class_embed
-    mapper = MaskFormerSemanticDatasetMapper(cfg, is_train=True)
-    records = DatasetCatalog.get("mosaic_sem_seg_train")[:8]
-    batches = [[mapper(dict(r)) for r in records[i:i + 4]] for i in range(0, 8, 4)]
-    present = set()
-    for batch in batches:
-        for r in batch:
-            present |= set(r["instances"].gt_classes.tolist())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    passes = []
-    for _ in range(10):  # 20 steps
-        totals = []
-        for batch in batches:
-            losses = model(batch)
-            assert all(torch.isfinite(v) for v in losses.values())
-            total = sum(losses.values())
-            optimizer.zero_grad()
-            total.backward()
-            optimizer.step()
-            totals.append(total.item())
-        passes.append(sum(totals) / len(totals))
+    batches = mosaic_batches(cfg)
+    present = {c for batch in batches for r in batch for c in r["instances"].gt_classes.tolist()}
+
+    def check(losses):
+        assert all(torch.isfinite(v) for v in losses.values())
+
+    passes = mean_loss_per_pass(model, batches, check_losses=check)  # 20 steps
     assert passes[-1] < 0.75 * passes[0], passes
     assert int(head.iteration) == 20
     per_class = head.memory.count.sum(dim=1)

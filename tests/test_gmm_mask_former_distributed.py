@@ -1,13 +1,11 @@
 """GMMSeg-Mask2Former trained by tools/train_net.py --num-gpus 2 on CPU (gloo): query-level GMM state
 identical on both ranks (same driver as tests/test_distributed_training.py)."""
 import os
-import subprocess
-import sys
 
 import torch
 
 from tests.conftest import REPO_ROOT
-from tests.test_distributed_training import DRIVER
+from tests.test_distributed_training import train_on_two_cpu_processes
 
 GMM_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "gmmseg_maskformer2_R18.yaml")
 MAX_ITER = 6
@@ -23,21 +21,7 @@ PREFIX = "sem_seg_head.predictor.class_embed."
 
 
 def test_two_cpu_processes_keep_the_query_gmm_identical(small_mosaic_root, tmp_path):
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    output_dir = tmp_path / "out"
-    env = dict(os.environ, DETECTRON2_DATASETS=small_mosaic_root, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]),
-               CUDA_VISIBLE_DEVICES="", GMMSEG_TRAIN_NET=os.path.join(REPO_ROOT, "tools", "train_net.py"))
-    command = [sys.executable, str(driver), "--num-gpus", "2", "--config-file", GMM_CONFIG, *OPTS,
-               "OUTPUT_DIR", str(output_dir)]
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-    dumps = [torch.load(output_dir / f"rank{r}_state.pth", weights_only=False) for r in range(2)]
-    assert [d["world_size"] for d in dumps] == [2, 2]
-    assert [d["iter"] for d in dumps] == [MAX_ITER, MAX_ITER]
-    rank0, rank1 = dumps[0]["state"], dumps[1]["state"]
+    rank0, rank1 = train_on_two_cpu_processes(GMM_CONFIG, OPTS, MAX_ITER, small_mosaic_root, tmp_path)
     assert rank0.keys() == rank1.keys()
     buffers = ["means", "stds", "iteration", "memory.features", "memory.pointer", "memory.count", "memory.pending"]
     for name in buffers:

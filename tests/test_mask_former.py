@@ -83,32 +83,50 @@ def test_rejects_panoptic_and_instance_inference():
         build_model(_maskformer_cfg("MODEL.MASK_FORMER.TEST.PANOPTIC_ON", "True"))
 
 
-def test_training_steps_on_mosaic_reduce_the_loss(small_mosaic_root, one_torch_thread):
+def mosaic_batches(cfg, images=8, batch_size=4):
+    """The first ``images`` mosaic training records, mapped for MaskFormer, in batches."""
     from detectron2.data import DatasetCatalog
-    from detectron2.modeling import build_model
 
     from gmmseg_d2.data.dataset_mappers import MaskFormerSemanticDatasetMapper
+
+    mapper = MaskFormerSemanticDatasetMapper(cfg, is_train=True)
+    records = DatasetCatalog.get("mosaic_sem_seg_train")[:images]
+    return [[mapper(dict(r)) for r in records[i:i + batch_size]] for i in range(0, images, batch_size)]
+
+
+def mean_loss_per_pass(model, batches, passes=10, check_losses=None):
+    """Train ``model`` with AdamW (1e-3) over ``batches`` ``passes`` times; the mean
+    total loss of each pass. ``check_losses(losses)`` sees every step's loss dict."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    means = []
+    for _ in range(passes):
+        totals = []
+        for batch in batches:
+            losses = model(batch)
+            if check_losses is not None:
+                check_losses(losses)
+            total = sum(losses.values())
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+            totals.append(total.item())
+        means.append(sum(totals) / len(totals))
+    return means
+
+
+def test_training_steps_on_mosaic_reduce_the_loss(small_mosaic_root, one_torch_thread):
+    from detectron2.modeling import build_model
 
     cfg = _maskformer_cfg("INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.CROP.SIZE", "(64, 64)",
                           "INPUT.SIZE_DIVISIBILITY", "64", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256")
     torch.manual_seed(0)
     np.random.seed(0)
     model = build_model(cfg).train()
-    mapper = MaskFormerSemanticDatasetMapper(cfg, is_train=True)
-    records = DatasetCatalog.get("mosaic_sem_seg_train")[:8]
-    batches = [[mapper(dict(r)) for r in records[i:i + 4]] for i in range(0, 8, 4)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    passes = []
-    for _ in range(10):  # 20 steps
-        totals = []
-        for batch in batches:
-            losses = model(batch)
-            # Deep supervision: the final layer's and 3 auxiliary layers' losses, weighted.
-            assert set(losses) == {f"loss_{k}{s}" for k in ("ce", "mask", "dice") for s in ("", "_0", "_1", "_2")}
-            total = sum(losses.values())
-            optimizer.zero_grad()
-            total.backward()
-            optimizer.step()
-            totals.append(total.item())
-        passes.append(sum(totals) / len(totals))
+    batches = mosaic_batches(cfg)
+
+    def check(losses):
+        # Deep supervision: the final layer's and 3 auxiliary layers' losses, weighted.
+        assert set(losses) == {f"loss_{k}{s}" for k in ("ce", "mask", "dice") for s in ("", "_0", "_1", "_2")}
+
+    passes = mean_loss_per_pass(model, batches, check_losses=check)  # 20 steps
     assert passes[-1] < 0.75 * passes[0], passes

@@ -95,13 +95,10 @@ class MaskFormer(nn.Module):
                 for config compatibility.
             semantic_on, panoptic_on, instance_on: which outputs to produce;
                 this project implements semantic segmentation only.
-            sliding_window: sliding-window inference instead of whole-image.
-            window_size: window ``(h, w)`` (or one int for both).
-            window_stride: offset ``(h, w)`` between neighbouring windows; at
-                most the window size, so that windows cover the image.
-            window_blending: "uniform" or "gaussian" weights for overlapping windows.
-            gaussian_sigma: std of the Gaussian weights as a fraction of the window size.
-            windows_per_batch: at most this many windows go through the model at once.
+            sliding_window, window_size, window_stride, window_blending,
+                gaussian_sigma, windows_per_batch: sliding-window inference
+                (``TEST.SLIDING_WINDOW.*``), as in
+                :class:`~gmmseg_d2.modeling.meta_arch.PerPixelSegmentor`.
         """
         super().__init__()
         if panoptic_on or instance_on:
