@@ -137,8 +137,10 @@ def add_gmmseg_config(cfg: CN) -> None:
     # The class head of the transformer decoder: "softmax" (Mask2Former's
     # linear layer over C + 1 classes) or "gmm" (GMMSeg: the Gaussian-mixture
     # classifier over C + 1 mixtures, the last one "no object", configured by
-    # MODEL.GMM.* except for the two query-level keys below). See
-    # gmmseg_d2.modeling.gmm_mask_classification.
+    # MODEL.GMM.* except for the query-level GMM_* keys below, which replace
+    # MODEL.GMM.MEMORY_SIZE / MEMORY_INIT / BOOTSTRAP_EMPTY_CLASSES, and the
+    # embedding, always linear -> LayerNorm -> L2 whatever MODEL.GMM.EMBEDDING
+    # says). See gmmseg_d2.modeling.gmm_mask_classification.
     cfg.MODEL.MASK_FORMER.CLASSIFIER = "softmax"
     # Query-level memory per (class, component), replacing MODEL.GMM.MEMORY_SIZE
     # (a per-pixel value) for the mask classifier. A class gets at most one
@@ -163,6 +165,18 @@ def add_gmmseg_config(cfg: CN) -> None:
     # is never classified correctly and never stored (see
     # gmmseg_d2.modeling.gmm_mask_classification).
     cfg.MODEL.MASK_FORMER.GMM_MEMORY_SAMPLES = "labelled"
+    # Query-level memory start, replacing MODEL.GMM.MEMORY_INIT: "empty" or
+    # "random" (see there). "empty" because matched queries are few per step
+    # (~3 per component at batch 16 for a frequent class, far fewer for rare
+    # ones): random slots would make up most of a 5000-slot memory, and bias
+    # every M-step, for thousands of iterations. The official code has no
+    # query-level model to follow.
+    cfg.MODEL.MASK_FORMER.GMM_MEMORY_INIT = "empty"
+    # Replaces MODEL.GMM.BOOTSTRAP_EMPTY_CLASSES for the query head: on, the
+    # remedy that goes with the "empty" start (a class's samples count as
+    # correct until it has stored a feature). It matters only with
+    # GMM_MEMORY_SAMPLES "correct" ("labelled" stores every labelled query).
+    cfg.MODEL.MASK_FORMER.GMM_BOOTSTRAP_EMPTY_CLASSES = True
     # Unmatched queries given to the "no object" mixture, per image, as a
     # multiple of the image's matched queries (at least one query per image,
     # at most all unmatched ones; a random subset); < 0 takes every unmatched
@@ -206,22 +220,43 @@ def add_gmmseg_config(cfg: CN) -> None:
     # Class score from component log-likelihoods: "max" (official code) or
     # "logsumexp" (the mixture sum the paper writes).
     cfg.MODEL.GMM.COMPONENT_REDUCTION = "max"
-    # Which samples of a class the Sinkhorn E-step assigns: "correct" (the
-    # ones the model currently classifies correctly, as DESIGN §1.1 states) or
-    # "all" (every labelled sample: what the official code does). Only
-    # correctly classified samples enter the memory either way; in "correct"
-    # mode the others get their closest own-class component as contrastive
-    # target.
-    cfg.MODEL.GMM.E_STEP_SAMPLES = "correct"
-    # The memory starts empty, and a class is refitted only from its memory;
-    # until then its stds are 1 and it can never be classified correctly, so
-    # with the correctness filter above it would never be stored either. True:
-    # while a class's memory is empty, all its labelled samples count as
-    # correct (they seed its memory). This stands in for the official code's
-    # start, a memory full of random unit vectors, which fits every class to
-    # noise when it first appears. False: the plain filter (only useful if every
-    # class is classified correctly at least once before any M-step).
-    cfg.MODEL.GMM.BOOTSTRAP_EMPTY_CLASSES = True
+    # Which samples of a class the Sinkhorn E-step assigns: "all" (every
+    # labelled sample, each gets its Sinkhorn component as contrastive
+    # target: the official code's rule, the default) or "correct" (only the
+    # ones the model currently classifies correctly, as DESIGN §1.1 states;
+    # the others get their closest own-class component as target). Only
+    # correctly classified samples enter the memory either way; "correct"
+    # exists so that the balanced Sinkhorn split is computed on exactly the
+    # samples that are stored, not skewed by the misclassified ones.
+    cfg.MODEL.GMM.E_STEP_SAMPLES = "all"
+    # How the memory starts: "random" (the official code: every slot of every
+    # component a random unit vector, a normal draw L2-normalised over D,
+    # counted by the M-step until real features overwrite it; the first
+    # M-step fits every component to that noise, sigma_d^2 ~ 1/D + f_d^2 +
+    # 1e-2 around the fitted direction f, ~0.2 at D 64, so no class starts
+    # far below the others) or "empty" (no stored feature until a real one
+    # arrives; a class keeps stds 1 until then, which with the correctness
+    # gate locks it out unless BOOTSTRAP_EMPTY_CLASSES is on). Drawn from
+    # torch's global RNG when the model is built, so seeding makes it
+    # reproducible.
+    cfg.MODEL.GMM.MEMORY_INIT = "random"
+    # True: while a class has never stored a real feature, all its labelled
+    # samples count as correctly classified (they seed its memory). The
+    # remedy for MEMORY_INIT "empty", where such a class is never fitted and
+    # never classified correctly, i.e. never stored (pair "empty" with True).
+    # False (default, the official code, which has no such rule): the plain
+    # gate, fine with MEMORY_INIT "random", which fits every class from the
+    # start. Works with either start ("never stored" is tracked apart from the
+    # random slots).
+    cfg.MODEL.GMM.BOOTSTRAP_EMPTY_CLASSES = False
+    # The embedding before LayerNorm -> L2: "conv_bn_relu" (the official
+    # per-pixel head: a bias-free 1x1 conv -> BatchNorm -> ReLU, state-dict
+    # keys projection.conv.weight, projection.bn.*; BatchNorm is per GPU
+    # under DDP, where the official configs use SyncBN) or "linear" (linear
+    # with bias, keys projection.weight / projection.bias, as checkpoints
+    # from before this key). Per-pixel heads only: the Mask2Former query head
+    # always uses "linear".
+    cfg.MODEL.GMM.EMBEDDING = "conv_bn_relu"
     # Storage dtype of the memory: "float32" (official) or "float16". The
     # memory is C*M*K*D floats (6.1 GB in float32 for ADE20K's 150 classes at
     # K=32000), on every GPU and in every checkpoint; float16 halves that at a

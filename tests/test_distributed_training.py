@@ -87,12 +87,13 @@ def test_two_cpu_processes_keep_gmm_buffers_identical(small_mosaic_root, tmp_pat
     gmm = [k for k in rank0 if k.startswith("sem_seg_head.predictor.")
            and not any(part in k for part in ("projection", "embedding_norm", "class_norm"))]
     assert sorted(k.rsplit("predictor.", 1)[1] for k in gmm) == sorted(
-        ["means", "stds", "iteration", "memory.features", "memory.pointer", "memory.count", "memory.pending"])
+        ["means", "stds", "iteration", "memory.features", "memory.pointer", "memory.count", "memory.pending",
+         "memory.total_written"])
     for key in gmm:
         assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
     # The EM really ran: steps counted, memory filled, components moved off their init.
     assert int(rank0["sem_seg_head.predictor.iteration"]) == MAX_ITER
-    assert int(rank0["sem_seg_head.predictor.memory.count"].sum()) > 0
+    assert int(rank0["sem_seg_head.predictor.memory.total_written"].sum()) > 0
     assert not torch.all(rank0["sem_seg_head.predictor.stds"] == 1.0)
     # DDP keeps the weights in sync too; the saved checkpoint is rank 0's state.
     for key, value in rank0.items():

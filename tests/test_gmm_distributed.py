@@ -89,12 +89,19 @@ def test_two_ranks_match_each_other_and_a_single_process(tmp_path):
         single.em_step(concatenate(outputs), torch.cat([labels for _, labels in batches]))
     expected = single.state_dict()
 
-    assert int(expected["iteration"]) == STEPS and int(expected["memory.count"].sum()) > 0
-    assert int(expected["memory.count"].max()) == 20  # some ring wrapped around
+    assert int(expected["iteration"]) == STEPS and int(expected["memory.total_written"].sum()) > 0
+    assert int(expected["memory.total_written"].max()) > 20  # some ring wrapped around
+    # The embedding's BatchNorm keeps per-rank running statistics (no SyncBN;
+    # the single process updates them once per chunk): all the rest is shared.
+    per_rank = {k for k in expected if k.startswith("projection.bn.") and not k.endswith(("weight", "bias"))}
+    assert per_rank == {"projection.bn.running_mean", "projection.bn.running_var", "projection.bn.num_batches_tracked"}
+    assert not torch.equal(results[0]["state"]["projection.bn.running_mean"],
+                           results[1]["state"]["projection.bn.running_mean"])
     for result in results:
         assert result["state"].keys() == expected.keys()
         for key, value in expected.items():
-            assert torch.equal(result["state"][key], value), key
+            if key not in per_rank:
+                assert torch.equal(result["state"][key], value), key
     # Different data per rank, hence different local losses: the identity of
     # the state is not a trivial consequence of identical inputs.
     assert not torch.equal(results[0]["losses"][0], results[1]["losses"][0])

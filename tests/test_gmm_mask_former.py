@@ -91,6 +91,9 @@ def test_gmm_head_shapes_losses_and_weight_dict(one_torch_thread):
     assert head.memory.capacity == cfg.MODEL.MASK_FORMER.GMM_MEMORY_SIZE == 100
     assert head.ignore_value == QUERY_IGNORE_LABEL
     assert (head.estep_samples, head.memory_samples) == ("all", "all")  # GMM_MEMORY_SAMPLES "labelled"
+    # The query head's own defaults, not the per-pixel MODEL.GMM ones.
+    assert (head.embedding, head.memory_init, head.bootstrap_empty_classes) == ("linear", "empty", True)
+    assert head.memory.count.sum() == 0
     assert model.criterion.classifier is head
     # The classifier is owned by the decoder only: its state appears once.
     assert not [k for k in model.state_dict() if k.startswith("criterion.") and k != "criterion.empty_weight"]
@@ -121,6 +124,27 @@ def test_gmm_head_shapes_losses_and_weight_dict(one_torch_thread):
     assert int(head.iteration) == 1  # one state update per step, aux layers leave the state alone
     sum(losses.values()).backward()
     assert head.projection.weight.grad.abs().sum() > 0
+
+
+def test_query_head_embedding_and_memory_start_ignore_the_per_pixel_keys():
+    from gmmseg_d2.modeling.gmm_mask_classification import build_query_class_head
+
+    # MODEL.GMM.EMBEDDING / MEMORY_INIT / BOOTSTRAP_EMPTY_CLASSES are per-pixel keys.
+    cfg = _cfg(GMM_CONFIG, "MODEL.GMM.EMBEDDING", "conv_bn_relu", "MODEL.GMM.MEMORY_INIT", "random",
+               "MODEL.GMM.BOOTSTRAP_EMPTY_CLASSES", "False")
+    head = build_query_class_head(cfg)
+    assert (head.embedding, head.memory_init, head.bootstrap_empty_classes) == ("linear", "empty", True)
+    assert {k for k in head.state_dict() if k.startswith("projection.")} == {"projection.weight", "projection.bias"}
+    # The query-level keys decide.
+    cfg = _cfg(GMM_CONFIG, "MODEL.MASK_FORMER.GMM_MEMORY_INIT", "random",
+               "MODEL.MASK_FORMER.GMM_BOOTSTRAP_EMPTY_CLASSES", "False")
+    head = build_query_class_head(cfg)
+    assert (head.memory_init, head.bootstrap_empty_classes, head.embedding) == ("random", False, "linear")
+    assert (head.memory.count == head.memory.capacity).all() and head.memory.pending.all()
+    # Built from explicit arguments, the same defaults.
+    toy = _toy_classifier()
+    assert (toy.embedding, toy.memory_init, toy.bootstrap_empty_classes) == ("linear", "empty", True)
+    assert _toy_classifier(embedding="conv_bn_relu").embedding == "conv_bn_relu"
 
 
 def test_without_deep_supervision_only_the_final_component_loss():

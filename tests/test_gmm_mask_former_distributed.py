@@ -23,7 +23,8 @@ PREFIX = "sem_seg_head.predictor.class_embed."
 def test_two_cpu_processes_keep_the_query_gmm_identical(small_mosaic_root, tmp_path):
     rank0, rank1 = train_on_two_cpu_processes(GMM_CONFIG, OPTS, MAX_ITER, small_mosaic_root, tmp_path)
     assert rank0.keys() == rank1.keys()
-    buffers = ["means", "stds", "iteration", "memory.features", "memory.pointer", "memory.count", "memory.pending"]
+    buffers = ["means", "stds", "iteration", "memory.features", "memory.pointer", "memory.count", "memory.pending",
+               "memory.total_written"]
     for name in buffers:
         assert torch.equal(rank0[PREFIX + name], rank1[PREFIX + name]), f"{name} differs between ranks"
     # The EM ran once per step on the queries of both ranks.

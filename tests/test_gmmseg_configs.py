@@ -38,7 +38,8 @@ GMMSEG_CONFIGS = {
 CLASS_HEAD = "sem_seg_head.predictor.class_embed."
 GMM_PARAMETERS = {"projection.weight", "projection.bias", "embedding_norm.weight", "embedding_norm.bias",
                   "class_norm.weight", "class_norm.bias"}
-GMM_BUFFERS = {"means", "stds", "iteration", "memory.features", "memory.pointer", "memory.count", "memory.pending"}
+GMM_BUFFERS = {"means", "stds", "iteration", "memory.features", "memory.pointer", "memory.count", "memory.pending",
+               "memory.total_written"}
 #: Mask2Former's linear class head.
 SOFTMAX_PARAMETERS = {"weight", "bias"}
 

@@ -33,7 +33,7 @@ TINY_OPTS = [
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", str(N), "SOLVER.WARMUP_ITERS", "4",
     "SOLVER.CHECKPOINT_PERIOD", str(N // 2),
     # A ring buffer that wraps several times, and M-steps every other step.
-    "MODEL.GMM.MEMORY_SIZE", "48", "MODEL.GMM.UPDATE_INTERVAL", "2",
+    "MODEL.GMM.MEMORY_SIZE", "16", "MODEL.GMM.UPDATE_INTERVAL", "2",
     "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0",
 ]
 
@@ -131,12 +131,12 @@ def test_final_state_bit_identical(runs):
     assert straight["model"].keys() == resumed["model"].keys()
     gmm_keys = [k for k in straight["model"] if k.startswith("sem_seg_head.predictor.")]
     for suffix in ("means", "stds", "iteration", "memory.features", "memory.pointer", "memory.count",
-                   "memory.pending"):
+                   "memory.pending", "memory.total_written", "projection.bn.running_mean"):
         assert any(k.endswith(suffix) for k in gmm_keys), (suffix, gmm_keys)
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     assert int(straight["model"]["sem_seg_head.predictor.iteration"]) == N
-    assert int(straight["model"]["sem_seg_head.predictor.memory.count"].max()) == 48  # the ring wrapped
+    assert int(straight["model"]["sem_seg_head.predictor.memory.total_written"].max()) > 16  # the ring wrapped
     # Optimizer moments and the scheduler's position too.
     straight_optimizer = straight["trainer"]["_trainer"]["optimizer"]
     resumed_optimizer = resumed["trainer"]["_trainer"]["optimizer"]

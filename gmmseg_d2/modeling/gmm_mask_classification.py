@@ -4,13 +4,14 @@ With ``MODEL.MASK_FORMER.CLASSIFIER: "gmm"`` the transformer decoder's class
 head ``sem_seg_head.predictor.class_embed`` is a
 :class:`QueryGaussianMixtureClassifier`: the normalised decoder output
 ``(B, Q, HIDDEN_DIM)`` goes through the GMM embedding (linear -> LayerNorm ->
-L2 to ``MODEL.GMM.EMBED_DIM``) and is scored against ``C + 1`` Gaussian
-mixtures, the last one "no object". One classifier serves every decoder layer,
-as the official linear head does. Its class logits (LayerNorm of the class
-log-likelihoods) are the decoder's ``pred_logits``, so the Hungarian matching
-cost, the ``eos_coef``-weighted CE, deep supervision and the semantic inference
-``sum_q softmax(logits_q)[:C] sigmoid(mask_q)`` use them unchanged; the
-classifier's full output rides along as ``pred_gmm``.
+L2 to ``MODEL.GMM.EMBED_DIM``, whatever the per-pixel ``MODEL.GMM.EMBEDDING``)
+and is scored against ``C + 1`` Gaussian mixtures, the last one "no object".
+One classifier serves every decoder layer, as the official linear head does.
+Its class logits (LayerNorm of the class log-likelihoods) are the decoder's
+``pred_logits``, so the Hungarian matching cost, the ``eos_coef``-weighted
+CE, deep supervision and the semantic inference ``sum_q softmax(logits_q)[:C]
+sigmoid(mask_q)`` use them unchanged; the classifier's full output rides
+along as ``pred_gmm``.
 
 EM at query level (:class:`GMMSetCriterion`, the only place it happens):
 after matching, every query of a layer gets an EM label
@@ -57,6 +58,14 @@ the CE (weighted, summed over the 4 layers) stayed at chance, 17.4 -> 19.0,
 with ``"correct"``; it fell 17.4 -> 8.7 with ``"labelled"`` (softmax head:
 17.1 -> 11.3). ``"correct"`` remains available.
 
+Memory start: ``MODEL.MASK_FORMER.GMM_MEMORY_INIT`` (default ``"empty"``,
+with ``GMM_BOOTSTRAP_EMPTY_CLASSES`` on), not the per-pixel
+``MODEL.GMM.MEMORY_INIT`` (default ``"random"``, the official per-pixel
+start). Matched queries are few per step (about one per class and image), so
+random slots would make up most of a 5000-slot query memory, and bias every
+M-step, for thousands of iterations; the official code has no query-level
+model to follow here.
+
 Distributed training: every ``em_step`` all-gathers, so every rank must make
 the same calls. The number of calls depends only on the config (1 + the
 auxiliary layers, or 1), never on the data: a rank whose images have no
@@ -73,7 +82,8 @@ checkpointer then reports the GMM's own keys (``class_embed.projection.*``,
 ``embedding_norm.*``, ``class_norm.*``, ``means``, ``stds``, ``iteration``,
 ``memory.*``) as not found in the checkpoint. The GMM starts fresh: a random
 projection (std 0.02), identity LayerNorms, means random unit vectors, stds 1,
-an empty memory. What the first EM updates then do:
+an empty memory (``GMM_MEMORY_INIT`` "empty"). What the first EM updates then
+do:
 
 * with all stds 1, ``log p(e | c) = const + max_m e . mu_cm`` (unit vectors),
   so the class logits are LayerNorm-ed cosine similarities to random
@@ -131,13 +141,24 @@ class QueryGaussianMixtureClassifier(GaussianMixtureClassifier):
 
     Same computation as :class:`GaussianMixtureClassifier` (its forward maps
     ``(B, Q, hidden)`` to a :class:`GMMClassifierOutput` with ``(B, Q, C + 1)``
-    logits); it only adds the loading rule for softmax checkpoints.
+    logits); it adds the loading rule for softmax checkpoints and its own
+    defaults for the arguments in :attr:`QUERY_DEFAULTS` (the per-pixel
+    defaults follow the official per-pixel head; there is no official
+    query-level model).
     """
 
     #: Parameter names of Mask2Former's linear class head, relative to ``class_embed``.
     SOFTMAX_HEAD_KEYS = ("weight", "bias")
+    #: Defaults that differ from the per-pixel classifier's, used when the
+    #: classifier is built from explicit arguments. Linear embedding (DESIGN:
+    #: query heads use linear -> LN -> L2; a BatchNorm over ~B x Q queries of
+    #: very different kinds, mostly "no object", is no per-pixel statistic);
+    #: empty memory with the bootstrap (see MODEL.MASK_FORMER.GMM_MEMORY_INIT).
+    QUERY_DEFAULTS = {"embedding": "linear", "memory_init": "empty", "bootstrap_empty_classes": True}
 
     def __init__(self, *args, **kwargs) -> None:
+        if not args:  # explicit arguments; a cfg as first argument goes through from_config
+            kwargs = {**self.QUERY_DEFAULTS, **kwargs}
         super().__init__(*args, **kwargs)
         #: Checkpoint keys of a softmax class head dropped by the last load.
         self.skipped_checkpoint_keys: List[str] = []
@@ -153,7 +174,7 @@ class QueryGaussianMixtureClassifier(GaussianMixtureClassifier):
                 f"Loading a softmax Mask2Former checkpoint into the GMM mask classifier "
                 f"(MODEL.MASK_FORMER.CLASSIFIER 'gmm'): skipped its linear class head: {shapes}. "
                 f"The GMM class head '{prefix.rstrip('.')}' starts fresh (random projection, means "
-                f"random unit vectors, stds 1, empty memory); its keys are reported as not found in "
+                f"random unit vectors, stds 1, its initial memory); its keys are reported as not found in "
                 f"the checkpoint. See gmmseg_d2.modeling.gmm_mask_classification for the first EM updates."
             )
         self.skipped_checkpoint_keys = skipped
@@ -166,8 +187,11 @@ def build_query_class_head(cfg, kind: Optional[str] = None) -> nn.Module:
 
     ``"softmax"``: Mask2Former's ``nn.Linear(HIDDEN_DIM, C + 1)``. ``"gmm"``: a
     :class:`QueryGaussianMixtureClassifier` from ``MODEL.GMM.*`` over ``C + 1``
-    mixtures, with ``MODEL.MASK_FORMER.GMM_MEMORY_SIZE`` slots per component
-    and :data:`QUERY_IGNORE_LABEL` as its ignore label.
+    mixtures, with ``MODEL.MASK_FORMER.GMM_MEMORY_SIZE`` slots per component,
+    ``GMM_MEMORY_INIT`` and ``GMM_BOOTSTRAP_EMPTY_CLASSES`` in place of the
+    per-pixel ``MODEL.GMM.MEMORY_INIT`` / ``BOOTSTRAP_EMPTY_CLASSES``, the
+    ``"linear"`` embedding whatever ``MODEL.GMM.EMBEDDING`` says, and
+    :data:`QUERY_IGNORE_LABEL` as its ignore label.
     """
     kind = cfg.MODEL.MASK_FORMER.CLASSIFIER if kind is None else kind
     hidden_dim = cfg.MODEL.MASK_FORMER.HIDDEN_DIM
@@ -178,6 +202,13 @@ def build_query_class_head(cfg, kind: Optional[str] = None) -> nn.Module:
         kwargs = GaussianMixtureClassifier.from_config(cfg, in_channels=hidden_dim, num_classes=num_classes)
         kwargs["memory_size"] = cfg.MODEL.MASK_FORMER.GMM_MEMORY_SIZE
         kwargs["ignore_value"] = QUERY_IGNORE_LABEL
+        kwargs["memory_init"] = cfg.MODEL.MASK_FORMER.GMM_MEMORY_INIT
+        kwargs["bootstrap_empty_classes"] = cfg.MODEL.MASK_FORMER.GMM_BOOTSTRAP_EMPTY_CLASSES
+        # MODEL.GMM.EMBEDDING is a per-pixel key (its default, the official
+        # conv -> BN -> ReLU, is a per-pixel head's); query heads always embed
+        # with linear -> LayerNorm -> L2 (DESIGN), so old checkpoints keep
+        # their class_embed.projection.{weight,bias} keys.
+        kwargs["embedding"] = "linear"
         samples = cfg.MODEL.MASK_FORMER.GMM_MEMORY_SAMPLES
         if samples == "labelled":
             kwargs.update(estep_samples="all", memory_samples="all")

@@ -2,10 +2,10 @@
 
 See :mod:`.classifier` for how a head uses :class:`GaussianMixtureClassifier`.
 """
-from .classifier import GaussianMixtureClassifier, GMMClassifierOutput
+from .classifier import EMBEDDINGS, ConvBNReLUProjection, GaussianMixtureClassifier, GMMClassifierOutput
 from .distributed import all_gather_rows
 from .likelihood import diagonal_gaussian_log_likelihood
-from .memory import ClassComponentMemory, evenly_spaced_ranks
+from .memory import MEMORY_INITS, ClassComponentMemory, evenly_spaced_ranks
 from .sinkhorn import (
     segmented_sinkhorn_assignment,
     segmented_sinkhorn_transport_plan,
@@ -14,6 +14,9 @@ from .sinkhorn import (
 )
 
 __all__ = [
+    "EMBEDDINGS",
+    "MEMORY_INITS",
+    "ConvBNReLUProjection",
     "GaussianMixtureClassifier",
     "GMMClassifierOutput",
     "ClassComponentMemory",

@@ -9,7 +9,7 @@ Bayes' rule under a uniform class prior.
 Usage from a head (shapes for ``N`` pixels or queries, ``C`` classes)::
 
     out = classifier(x)                 # x (N, C_in); any leading dims work
-    out.embeddings                      # (N, D)     linear -> LayerNorm -> L2
+    out.embeddings                      # (N, D)     projection -> LayerNorm -> L2
     out.component_log_likelihood        # (N, C, M)  log N(e; mu_cm, sigma_cm)
     out.class_log_likelihood            # (N, C)     log p(e | c)
     out.class_logits                    # (N, C)     LayerNorm of the above: CE input
@@ -23,35 +23,52 @@ back. A Mask2Former head passes its ``(B, Q, 256)`` query embeddings, builds
 the classifier with ``C + 1`` classes (the last is "no object"), and labels
 every query with its matched class or ``C``.
 
+Embedding (``embedding``): by default the official one, a bias-free 1x1
+projection -> BatchNorm -> ReLU (mmcv's ``ConvModule`` order,
+:class:`ConvBNReLUProjection`) -> LayerNorm -> L2; ``"linear"`` is a linear
+layer with bias -> LayerNorm -> L2 (the query-level Mask2Former head's
+embedding, and this classifier's only one before).
+
 Training: the head puts its usual CE loss on ``class_logits`` and adds the
 value of :meth:`~GaussianMixtureClassifier.em_step`, which, without gradient:
 
 1. E-step: for each class, the component scores of its samples go through
-   Sinkhorn-Knopp (:mod:`.sinkhorn`) and each sample gets one component. By
-   default only the samples the model currently classifies correctly take part
-   (``estep_samples="correct"``); the official code instead runs Sinkhorn on
-   all of a class's samples (``"all"``). In both modes only correctly
-   classified samples enter the memory, unless ``memory_samples="all"``
-   (with ``estep_samples="all"``): then every labelled sample does, which
-   suits labels that are reliable by construction (Mask2Former's matched
-   queries, see ``gmmseg_d2.modeling.gmm_mask_classification``).
-   Exception (``bootstrap_empty_classes``, default on): the samples of a class
-   whose memory is still empty all count as correct. The memory starts empty
-   here, and a component is refitted only from its memory, so an unfitted
-   class keeps ``sigma = 1``, scores tens of nats below any fitted class
-   (the ``-sum log sigma`` term) and would never be classified correctly,
-   i.e. never stored: locked out for good. That hits every class absent from
-   the first batches (most of ADE20K's 150). The official code avoids it by
-   filling the memory with random unit vectors at start, so a class is fitted
-   (to noise, ``sigma ~ 0.16``) the first time it appears; we fit it to its
-   own first features instead.
+   Sinkhorn-Knopp (:mod:`.sinkhorn`) and each sample gets one component.
+   By default (``estep_samples="all"``, the official rule) every labelled
+   sample takes part and gets its Sinkhorn component as CE target, while only
+   the samples the model currently classifies correctly (argmax of
+   ``class_logits`` == label) enter the memory. ``"correct"`` runs Sinkhorn
+   on the correctly classified samples only (misclassified ones get their
+   closest own-class component as target), so that the balanced split is
+   computed on the samples that will be stored. ``memory_samples="all"``
+   (with ``estep_samples="all"``) stores every labelled sample, which suits
+   labels that are reliable by construction (Mask2Former's matched queries,
+   see ``gmmseg_d2.modeling.gmm_mask_classification``).
+   Memory start (``memory_init``): ``"random"`` (default, official) fills
+   every slot with a random unit vector and makes the first M-step fit every
+   component to that noise (the variance is taken around the fitted unit
+   direction ``f``, so ``sigma_d^2 ~ 1/D + f_d^2 + 1e-2``: 0.16 to 0.2 and
+   more at ``D = 64``), so no class starts tens of nats below the others:
+   its pixels can be classified correctly, hence stored, from its first
+   appearance on.
+   ``"empty"`` starts with no features: a class is then refitted only once it
+   stores one, keeps ``sigma = 1`` until then, scores tens of nats below any
+   fitted class (the ``-sum log sigma`` term) and, with the correctness gate,
+   would never be stored: locked out for good, which hits every class absent
+   from the first batches (most of ADE20K's 150). ``bootstrap_empty_classes``
+   (default off, as the official code, which needs none) is the remedy for
+   that start: the samples of a class that has never stored a real feature
+   all count as correct, so it is fitted to its own first features. It works
+   with either start ("never stored a real feature" is tracked apart from
+   the random slots).
 2. Before that, the participating samples of all ranks are all-gathered, so
    every rank runs the same E-step on the same data and ends with the same
    memory and parameters, equal to one process fed the concatenated batch.
 3. The memory (:class:`~.memory.ClassComponentMemory`) takes at most
    ``max_samples_per_component`` new features per component (evenly spaced).
 4. Every ``update_interval`` steps (counting from step 0, as the official
-   code does) the M-step refits the components written since the last one:
+   code does) the M-step refits the components written since the last one
+   (with ``memory_init="random"``, all of them the first time):
    ``mu <- normalise(m mu + (1 - m) normalise(sum memory))`` and
    ``sigma <- m_s sigma + (1 - m_s) sqrt(var + floor)``.
 5. It returns ``contrastive_loss_weight`` x the cross-entropy of the ``C*M``
@@ -62,26 +79,43 @@ Samples whose embedding or scores are NaN/Inf are left out of all of this
 the Detectron2 event storage when one is active. The loss value stays finite;
 the dropped rows' own gradient is NaN through any loss (``NaN * 0``), the
 head's CE included, so such a batch still needs the trainer's usual handling.
+With the ``"conv_bn_relu"`` embedding in training, one non-finite input row
+makes the batch statistics, hence every embedding of the batch and the
+BatchNorm's running statistics, non-finite: the whole batch is dropped.
 
 For the auxiliary outputs of a multi-layer decoder, ``em_step(out_l, labels_l,
 update=False)`` gives the loss without touching the state (it still
 all-gathers: every rank must make the same calls).
 
 State: ``means``, ``stds``, the memory and the step counter ``iteration`` are
-buffers, so checkpoints carry them and a resumed run continues exactly. They
-are kept equal across ranks by construction; wrap the model in DDP with
+buffers (the BatchNorm's running statistics too), so checkpoints carry them
+and a resumed run continues exactly. The GMM's buffers are kept equal across
+ranks by construction (the BatchNorm's running statistics are per rank, as
+for any BatchNorm under DDP without buffer broadcast); wrap the model in DDP with
 ``broadcast_buffers=False`` (Detectron2's default in ``create_ddp_model``),
 otherwise DDP would copy the multi-GB memory from rank 0 on every forward.
 
 Differences from the official implementation:
 
+The defaults follow the official code in the E-step scope (Sinkhorn targets
+for every labelled sample, memory for the correct ones), the memory start
+(random unit vectors, all slots read by the M-step) and the embedding (conv ->
+BN -> ReLU -> LayerNorm -> L2). What still differs:
+
 * Sinkhorn runs on the samples of all ranks together (the official code runs
   it on each GPU's own pixels, then gathers the assignments), so the result
   does not depend on how a batch is split over GPUs.
-* The memory starts empty and the M-step reads only written slots; the
-  official memory starts as random unit vectors that bias the first fits.
 * The M-step refits the components written since the previous M-step (the
-  official code: every component of the classes in the current batch).
+  official code: every component of the classes in the current batch, which
+  keeps moving a mean towards an unchanged memory). With the random start
+  the first M-step fits every component of every class, present or not; the
+  official code fits a class at the first M-step whose batch contains it.
+  Either way a class gets fitted to its random slots (plus whatever own
+  features it stored), so none stays at ``sigma = 1``, locked out.
+* The BatchNorm of the embedding is per rank under DDP (official configs:
+  SyncBN); see :class:`ConvBNReLUProjection`.
+* The official head skips the projection when the head's channels already
+  equal ``D``; here it is always there.
 * The component CE marks "no target" with -100 rather than 255, since with
   ``C * M > 255`` (ADE20K: 750) component 255 is a real target.
 * The log-likelihood is one matrix product rather than a chunked broadcast,
@@ -102,10 +136,13 @@ from torch import nn
 
 from .distributed import all_gather_rows
 from .likelihood import diagonal_gaussian_log_likelihood
-from .memory import ClassComponentMemory
+from .memory import MEMORY_INITS, ClassComponentMemory
 from .sinkhorn import segmented_sinkhorn_assignment
 
-__all__ = ["GaussianMixtureClassifier", "GMMClassifierOutput"]
+__all__ = ["EMBEDDINGS", "GaussianMixtureClassifier", "GMMClassifierOutput", "ConvBNReLUProjection"]
+
+#: Values of the ``embedding`` argument (``MODEL.GMM.EMBEDDING``).
+EMBEDDINGS = ("conv_bn_relu", "linear")
 
 # ignore_index of the component CE (see the module docstring).
 _NO_TARGET = -100
@@ -132,6 +169,46 @@ class GMMClassifierOutput:
     class_logits: torch.Tensor
 
 
+class ConvBNReLUProjection(nn.Module):
+    """The official embedding projection: 1x1 conv without bias -> BatchNorm -> ReLU.
+
+    mmcv's ``ConvModule(C_in, D, kernel_size=1, norm_cfg=BN)`` on ``(B, C_in,
+    H, W)`` maps every pixel by the same bias-free linear map, then normalises
+    every channel with statistics over all ``B*H*W`` pixels. A bias-free
+    ``nn.Linear`` on the ``(*, C_in)`` rows followed by ``BatchNorm1d`` over
+    the flattened ``(N, D)`` rows computes exactly that, for any leading
+    shape. The submodule names follow ``ConvModule`` (``conv``, ``bn``,
+    ``activate``), so an official checkpoint maps key by key:
+    ``projection.conv.weight`` is ``(D, C_in)`` here and ``(D, C_in, 1, 1)``
+    there (a reshape), ``projection.bn.*`` match as they are.
+
+    BatchNorm's batch statistics need more than one row in training
+    (PyTorch raises otherwise, as for the official 2-D BatchNorm on a single
+    pixel); evaluation uses the running statistics and takes any number.
+    Under DDP this is a per-rank BatchNorm, where the official configs use
+    SyncBN; ``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` converts it
+    (SyncBatchNorm accepts ``(N, D)`` inputs).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Linear(in_channels, out_channels, bias=False)
+        self.bn = nn.BatchNorm1d(out_channels)
+        self.activate = nn.ReLU()
+        # ConvModule's initialisation: Kaiming normal (fan_out, ReLU) for the
+        # conv, weight 1 and bias 0 for the norm (nn.BatchNorm1d's own).
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(*, C_in)`` -> ``(*, D)`` float32."""
+        projected = self.conv(x)  # on the input's layout: no copy of x
+        flat = projected.reshape(-1, projected.shape[-1])
+        # Batch statistics in float32 even under autocast.
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            flat = self.activate(self.bn(flat.float()))
+        return flat.reshape(projected.shape)
+
+
 class GaussianMixtureClassifier(nn.Module):
     """Generative classifier: one Gaussian mixture per class, fitted by EM.
 
@@ -152,15 +229,26 @@ class GaussianMixtureClassifier(nn.Module):
         contrastive_loss_weight: weight of the component CE (0.01).
         component_reduction: ``"max"`` (official code) or ``"logsumexp"`` (the
             mixture density the paper writes) to go from components to classes.
-        estep_samples: ``"correct"`` (Sinkhorn on correctly classified samples;
-            misclassified ones get their best own-class component as CE target)
-            or ``"all"`` (official code: Sinkhorn on every labelled sample).
-        bootstrap_empty_classes: treat every labelled sample of a class whose
-            memory is empty as correctly classified (see the module docstring).
+        estep_samples: ``"all"`` (official code: Sinkhorn on every labelled
+            sample, each gets its Sinkhorn component as CE target) or
+            ``"correct"`` (Sinkhorn on correctly classified samples only;
+            misclassified ones get their best own-class component as CE target).
         memory_samples: ``"correct"`` (only correctly classified samples
             enter the memory, as the official code) or ``"all"`` (every sample
             that took part in the E-step; with ``estep_samples="correct"``
             those are the correct ones anyway).
+        memory_init: ``"random"`` (official code: every memory slot starts as a
+            random unit vector and counts for the M-step until overwritten;
+            the first M-step fits every component to them) or ``"empty"``
+            (nothing stored until the first real feature; see
+            :class:`~.memory.ClassComponentMemory`).
+        bootstrap_empty_classes: treat every labelled sample of a class that
+            has never stored a real feature as correctly classified (see the
+            module docstring). Off in the official code.
+        embedding: ``"conv_bn_relu"`` (official: bias-free projection ->
+            BatchNorm -> ReLU, :class:`ConvBNReLUProjection`, then LayerNorm ->
+            L2) or ``"linear"`` (linear with bias -> LayerNorm -> L2; state-dict
+            keys ``projection.weight`` / ``projection.bias``).
         memory_dtype: storage dtype of the memory (float32 or float16).
         ignore_value: label of pixels/queries without a class (255).
     """
@@ -183,9 +271,11 @@ class GaussianMixtureClassifier(nn.Module):
         sinkhorn_iterations: int = 3,
         contrastive_loss_weight: float = 0.01,
         component_reduction: str = "max",
-        estep_samples: str = "correct",
+        estep_samples: str = "all",
         memory_samples: str = "correct",
-        bootstrap_empty_classes: bool = True,
+        memory_init: str = "random",
+        bootstrap_empty_classes: bool = False,
+        embedding: str = "conv_bn_relu",
         memory_dtype: torch.dtype = torch.float32,
         ignore_value: int = 255,
     ) -> None:
@@ -196,6 +286,10 @@ class GaussianMixtureClassifier(nn.Module):
             raise ValueError(f"estep_samples must be 'correct' or 'all', got {estep_samples!r}")
         if memory_samples not in ("correct", "all"):
             raise ValueError(f"memory_samples must be 'correct' or 'all', got {memory_samples!r}")
+        if memory_init not in MEMORY_INITS:
+            raise ValueError(f"memory_init must be one of {MEMORY_INITS}, got {memory_init!r}")
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
         if update_interval < 1:
             raise ValueError(f"update_interval must be >= 1, got {update_interval}")
         if not (0.0 <= mean_momentum <= 1.0 and 0.0 <= std_momentum <= 1.0):
@@ -216,11 +310,20 @@ class GaussianMixtureClassifier(nn.Module):
         self.component_reduction = component_reduction
         self.estep_samples = estep_samples
         self.memory_samples = memory_samples
+        self.memory_init = memory_init
         self.bootstrap_empty_classes = bootstrap_empty_classes
+        self.embedding = embedding
         self.ignore_value = ignore_value
 
         # Embedding: projection -> LayerNorm -> L2 (the L2 step is in embed()).
-        self.projection = nn.Linear(in_channels, embed_dim)
+        # "linear" keeps the keys projection.weight / projection.bias of the
+        # checkpoints written before "conv_bn_relu" existed.
+        if embedding == "conv_bn_relu":
+            self.projection = ConvBNReLUProjection(in_channels, embed_dim)
+        else:
+            self.projection = nn.Linear(in_channels, embed_dim)
+            nn.init.trunc_normal_(self.projection.weight, std=0.02)
+            nn.init.zeros_(self.projection.bias)
         self.embedding_norm = nn.LayerNorm(embed_dim)
         # LayerNorm over the C class log-likelihoods gives the logits.
         self.class_norm = nn.LayerNorm(num_classes)
@@ -232,13 +335,9 @@ class GaussianMixtureClassifier(nn.Module):
         # Training steps taken by em_step(update=True); drives the M-step schedule.
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self.memory = ClassComponentMemory(
-            num_classes, num_components, memory_size, embed_dim, max_samples_per_component, memory_dtype
+            num_classes, num_components, memory_size, embed_dim, max_samples_per_component, memory_dtype,
+            init=memory_init,
         )
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.projection.weight, std=0.02)
-        nn.init.zeros_(self.projection.bias)
 
     @classmethod
     def from_config(cls, cfg, in_channels: int, num_classes: int) -> dict:
@@ -261,7 +360,9 @@ class GaussianMixtureClassifier(nn.Module):
             "contrastive_loss_weight": gmm.CONTRASTIVE_LOSS_WEIGHT,
             "component_reduction": gmm.COMPONENT_REDUCTION,
             "estep_samples": gmm.E_STEP_SAMPLES,
+            "memory_init": gmm.MEMORY_INIT,
             "bootstrap_empty_classes": gmm.BOOTSTRAP_EMPTY_CLASSES,
+            "embedding": gmm.EMBEDDING,
             "memory_dtype": _MEMORY_DTYPES[gmm.MEMORY_DTYPE],
             "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         }
@@ -269,13 +370,20 @@ class GaussianMixtureClassifier(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"classes={self.num_classes}, components={self.num_components}, reduction={self.component_reduction}, "
-            f"estep_samples={self.estep_samples}, memory_samples={self.memory_samples}, update_interval={self.update_interval}"
+            f"estep_samples={self.estep_samples}, memory_samples={self.memory_samples}, "
+            f"memory_init={self.memory_init}, bootstrap_empty_classes={self.bootstrap_empty_classes}, "
+            f"embedding={self.embedding}, update_interval={self.update_interval}"
         )
 
     # ------------------------------------------------------------------ forward
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """``(*, C_in)`` features -> ``(*, D)`` unit-norm float32 embeddings."""
+        """``(*, C_in)`` features -> ``(*, D)`` unit-norm float32 embeddings.
+
+        ``"conv_bn_relu"``: bias-free projection, BatchNorm (batch statistics
+        in training), ReLU, LayerNorm, L2. ``"linear"``: projection with bias,
+        LayerNorm, L2.
+        """
         projected = self.projection(x)
         # Normalisations in float32 even under autocast: the scores built on
         # them are large differences of log-densities.
@@ -393,12 +501,13 @@ class GaussianMixtureClassifier(nn.Module):
         usable = labelled & finite
         correct = usable & (logits.argmax(dim=1) == labels)
         if self.bootstrap_empty_classes:
-            # A class whose memory is still empty has never been fitted: its
-            # stds are still 1, so it scores tens of nats below every fitted
-            # class and none of its samples can ever be classified correctly.
-            # Counting its samples as correct lets it into the memory once.
-            # The memory is identical on all ranks, so they all agree on this.
-            empty_class = self.memory.count.sum(dim=1) == 0  # (C,)
+            # A class that never stored a real feature: with an empty memory it
+            # has never been fitted (stds 1, tens of nats below every fitted
+            # class), so none of its samples could ever be classified
+            # correctly. Counting its samples as correct lets it into the
+            # memory once. The memory is identical on all ranks, so they all
+            # agree on this.
+            empty_class = ~self.memory.has_data()  # (C,)
             correct = correct | (usable & empty_class[safe_labels])
         takes_part = correct if self.estep_samples == "correct" else usable
         local = torch.nonzero(takes_part).squeeze(1)
@@ -447,7 +556,11 @@ class GaussianMixtureClassifier(nn.Module):
 
     @torch.no_grad()
     def maximization_step(self) -> None:
-        """Refit the components written since the last M-step from their memory."""
+        """Refit the components written since the last M-step from their memory.
+
+        With ``memory_init="random"`` every component is pending at the start,
+        so the first M-step fits all of them to their random slots.
+        """
         refit = self.memory.pending & (self.memory.count > 0)  # (C, M)
         self.memory.clear_pending()
         if not bool(refit.any()):

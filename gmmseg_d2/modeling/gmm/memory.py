@@ -6,6 +6,21 @@ component on the last ``K`` features Sinkhorn assigned to it (official ``K =
 they are saved with the model and a resumed run continues from the same
 memory. Writing a batch into the memory and computing the statistics the
 M-step needs are both vectorised over classes and components.
+
+Two starts are available (``init``):
+
+* ``"random"`` (the official code's): every slot of every component holds a
+  random unit vector (a standard normal draw L2-normalised over ``D``), every
+  component counts ``K`` valid slots and is marked pending, so the first
+  M-step fits all of them to that noise (``sigma_d^2 ~ 1/D + f_d^2 + floor``
+  around the fitted unit direction ``f``: ~0.2 at ``D = 64``); real
+  features then overwrite the random ones from slot 0 on.
+* ``"empty"``: all slots zero, no valid slot; a component has statistics only
+  once something was written to it.
+
+Either way ``total_written`` counts the real features ever written, which is
+what "this class has no data yet" means (``count`` cannot tell with random
+slots).
 """
 from __future__ import annotations
 
@@ -15,7 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ClassComponentMemory", "evenly_spaced_ranks"]
+__all__ = ["ClassComponentMemory", "MEMORY_INITS", "evenly_spaced_ranks"]
+
+#: Values of the ``init`` argument of :class:`ClassComponentMemory`.
+MEMORY_INITS = ("random", "empty")
 
 
 def evenly_spaced_ranks(position: torch.Tensor, group_size: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
@@ -44,12 +62,20 @@ class ClassComponentMemory(nn.Module):
     """A ring buffer of ``K`` features for each of ``C x M`` components.
 
     Buffers (all saved in the state dict):
-        ``features``: ``(C, M, K, D)`` stored features, zero where never written.
+        ``features``: ``(C, M, K, D)`` stored features: random unit vectors
+            (``init="random"``) or zeros (``"empty"``) where never written.
         ``pointer``: ``(C, M)`` int64, slot the next feature of a component goes to.
         ``count``: ``(C, M)`` int64, number of valid slots (``<= K``); slots
-            ``[0, count)`` are valid because writing starts at slot 0.
+            ``[0, count)`` are valid because writing starts at slot 0. With
+            ``init="random"`` every slot is valid from the start: ``K``.
+        ``total_written``: ``(C, M)`` int64, real features written so far (not
+            capped at ``K``); 0 means the component never received data.
+            Checkpoints from before this buffer existed load with it set
+            to their ``count`` (their memories all started empty).
         ``pending``: ``(C, M)`` bool, components written since the last
-            :meth:`clear_pending` (the ones the next M-step refits).
+            :meth:`clear_pending` (the ones the next M-step refits); all set at
+            the start with ``init="random"``, so the first M-step fits every
+            component to its random slots, as the official first M-step does.
 
     Args:
         num_classes: ``C``.
@@ -60,6 +86,10 @@ class ClassComponentMemory(nn.Module):
             component; more are thinned by an evenly spaced subsample. ``<= 0``
             means no cap other than ``K``.
         dtype: storage dtype of ``features``. Statistics are computed in float32.
+        init: ``"random"`` or ``"empty"`` (see the module docstring). The random
+            vectors are drawn from torch's global CPU generator at construction,
+            class by class (no second copy of the memory), so seeding torch
+            before building the model makes them reproducible.
     """
 
     def __init__(
@@ -70,10 +100,13 @@ class ClassComponentMemory(nn.Module):
         dim: int,
         max_new_per_component: int = 20,
         dtype: torch.dtype = torch.float32,
+        init: str = "random",
     ) -> None:
         super().__init__()
         if min(num_classes, num_components, capacity, dim) < 1:
             raise ValueError("num_classes, num_components, capacity and dim must be >= 1")
+        if init not in MEMORY_INITS:
+            raise ValueError(f"init must be one of {MEMORY_INITS}, got {init!r}")
         self.num_classes = num_classes
         self.num_components = num_components
         self.capacity = capacity
@@ -81,15 +114,40 @@ class ClassComponentMemory(nn.Module):
         limit = capacity if max_new_per_component <= 0 else min(max_new_per_component, capacity)
         # Never more than K per step: a larger batch would overwrite itself.
         self.max_new_per_component = limit
-        self.register_buffer("features", torch.zeros(num_classes, num_components, capacity, dim, dtype=dtype))
+        self.init = init
+        random = init == "random"
+        features = torch.zeros(num_classes, num_components, capacity, dim, dtype=dtype)
+        if random:
+            for per_class in features:  # (M, K, D) at a time: no full-size temporary
+                per_class.copy_(F.normalize(torch.randn(num_components, capacity, dim), dim=-1))
+        self.register_buffer("features", features)
         self.register_buffer("pointer", torch.zeros(num_classes, num_components, dtype=torch.long))
-        self.register_buffer("count", torch.zeros(num_classes, num_components, dtype=torch.long))
-        self.register_buffer("pending", torch.zeros(num_classes, num_components, dtype=torch.bool))
+        self.register_buffer(
+            "count", torch.full((num_classes, num_components), capacity if random else 0, dtype=torch.long)
+        )
+        self.register_buffer("total_written", torch.zeros(num_classes, num_components, dtype=torch.long))
+        self.register_buffer("pending", torch.full((num_classes, num_components), random, dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Checkpoints written before ``total_written`` existed: their memories
+        # started empty, so a component had received data iff its count > 0.
+        # The count (<= K) stands in for the uncapped total; only "> 0" is read.
+        written_key, count_key = prefix + "total_written", prefix + "count"
+        if written_key not in state_dict and count_key in state_dict:
+            state_dict[written_key] = torch.as_tensor(state_dict[count_key]).clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def has_data(self) -> torch.Tensor:
+        """``(C,)`` bool: the classes that have received at least one real feature."""
+        return self.total_written.sum(dim=1) > 0
 
     def extra_repr(self) -> str:
         return (
             f"classes={self.num_classes}, components={self.num_components}, capacity={self.capacity}, "
-            f"dim={self.dim}, max_new_per_component={self.max_new_per_component}, dtype={self.features.dtype}"
+            f"dim={self.dim}, max_new_per_component={self.max_new_per_component}, dtype={self.features.dtype}, "
+            f"init={self.init}"
         )
 
     @torch.no_grad()
@@ -138,6 +196,7 @@ class ClassComponentMemory(nn.Module):
 
         flat_pointer.copy_((flat_pointer + take) % self.capacity)
         self.count.view(-1).copy_((self.count.view(-1) + take).clamp(max=self.capacity))
+        self.total_written += written
         self.pending |= written > 0
         return written
 
@@ -157,9 +216,11 @@ class ClassComponentMemory(nn.Module):
         around the arithmetic mean), dividing by the number of features.
 
         Both come from two sums over the stored features, ``S1 = sum x`` and
-        ``S2 = sum x^2``, as ``var = (S2 - 2 f S1 + n f^2) / n``. Never-written
-        slots hold zeros and add nothing to either sum, so no masking is
-        needed; the cancellation in the expansion costs ~1e-7 relative to
+        ``S2 = sum x^2``, as ``var = (S2 - 2 f S1 + n f^2) / n`` with ``n =
+        count``. With ``init="random"`` all ``K`` slots are valid (random or
+        real features, ``count = K``), as in the official code; with
+        ``"empty"`` never-written slots hold zeros and add nothing to either
+        sum, so no masking is needed. The cancellation in the expansion costs ~1e-7 relative to
         ``E[x^2]``, far below the 1e-2 variance floor. The squares go through a
         small reused buffer, so the memory (40 MB per class at ``K = 32000``)
         is read without ever being copied.

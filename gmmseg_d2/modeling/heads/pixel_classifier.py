@@ -44,7 +44,10 @@ def build_pixel_classifier(kind: str, in_channels: int, num_classes: int,
     """A softmax 1x1 conv or a GMM classifier from ``in_channels`` to ``num_classes``.
 
     ``gmm_kwargs`` go to :class:`GaussianMixtureClassifier` (its defaults are
-    the paper's); see :func:`gmm_kwargs_from_config`.
+    the paper's and the official per-pixel head's: conv -> BN -> ReLU ->
+    LayerNorm -> L2 embedding, random memory start, Sinkhorn on every labelled
+    pixel); see :func:`gmm_kwargs_from_config`. The embedding's BatchNorm
+    takes its statistics over the ``B*h*w`` pixels of a training batch.
     """
     if kind == "softmax":
         predictor = nn.Conv2d(in_channels, num_classes, kernel_size=1)
