@@ -4,6 +4,7 @@ A dataset's files are looked up (under `$DETECTRON2_DATASETS`, read then) and
 checked only when it is requested; see datasets/README.md for the layouts."""
 
 from . import mosaic  # noqa: F401  (registers mosaic_sem_seg_{train,val}, mosaic_anomaly_val)
+from . import textures  # noqa: F401  (registers textures_sem_seg_*, textures_anomaly_{near,far}_*)
 from . import ade20k, anomaly, cityscapes, coco_stuff  # noqa: F401  (real datasets, lazily checked)
 from .anomaly import ANOMALY_DATASETS
 from .common import DatasetNotReadyError
