@@ -14,7 +14,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
 from .color_aug import ColorAugSSDTransform
-from .per_pixel_semantic_dataset_mapper import validate_label_values
+from .per_pixel_semantic_dataset_mapper import flip_augmentations, validate_label_values
 
 __all__ = ["MaskFormerSemanticDatasetMapper"]
 
@@ -99,7 +99,7 @@ class MaskFormerSemanticDatasetMapper:
                 cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE))
         if cfg.INPUT.COLOR_AUG_SSD:
             augs.append(ColorAugSSDTransform(img_format=cfg.INPUT.FORMAT))
-        augs.append(T.RandomFlip())
+        augs += flip_augmentations(cfg)
 
         # Like the official mapper, the first training set's metadata decides
         # the ignore label (falling back to the model's when it has none).

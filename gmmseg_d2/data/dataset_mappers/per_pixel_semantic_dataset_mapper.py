@@ -47,6 +47,22 @@ def _describe_values(values: Sequence[int]) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
+def flip_augmentations(cfg) -> List[T.Augmentation]:
+    """The training flip that Detectron2's ``INPUT.RANDOM_FLIP`` asks for.
+
+    ``"horizontal"`` (Detectron2's default), ``"vertical"`` or ``"none"``. Data
+    whose classes differ by orientation (e.g. the procedural ``textures``
+    benchmark, where a horizontal flip turns a 30-degree grating into a
+    150-degree one) needs ``"none"``.
+    """
+    mode = cfg.INPUT.RANDOM_FLIP
+    if mode == "none":
+        return []
+    if mode not in ("horizontal", "vertical"):
+        raise ValueError(f"INPUT.RANDOM_FLIP must be 'horizontal', 'vertical' or 'none', got {mode!r}")
+    return [T.RandomFlip(horizontal=mode == "horizontal", vertical=mode == "vertical")]
+
+
 class PerPixelSemanticDatasetMapper:
     """Reads an image and its label map, augments both, validates the labels.
 
@@ -88,7 +104,7 @@ class PerPixelSemanticDatasetMapper:
                     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, ignore_label))
             if cfg.INPUT.COLOR_AUG_SSD:
                 augs.append(ColorAugSSDTransform(img_format=cfg.INPUT.FORMAT))
-            augs.append(T.RandomFlip())
+            augs += flip_augmentations(cfg)
         else:
             augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
 
