@@ -2,12 +2,14 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_CONFIG ?= configs/mosaic/gmmseg_maskformer2_R18.yaml
+# The demo trains one model of the open-world benchmark (benchmarks/open_world.py)
+# and scores its checkpoint with every anomaly score; the recorded runs of the
+# same model family and seed (benchmarks/recorded/open_world/) are shown next
+# to it, so that the demo trains one model, not two.
+DEMO_MODEL ?= maskformer2_R18
 DEMO_OUTPUT ?= output/demo
-# The softmax baseline's numbers from a recorded run of the same schedule and
-# seed (benchmarks/mosaic_models.py, see BENCHMARKS.md), shown next to the
-# demo's own so that the demo trains one model, not two.
-DEMO_BASELINE ?= benchmarks/recorded/mosaic_maskformer2_R18_softmax_seed0.json
+DEMO_CONFIG = $(if $(filter maskformer2_R18,$(DEMO_MODEL)),gmmseg_maskformer2_R18,$(DEMO_MODEL)_gmm)
+DEMO_RUN = $(DEMO_CONFIG)_seed0
 export DETECTRON2_DATASETS ?= $(CURDIR)/datasets
 
 .PHONY: setup data demo demo-per-pixel test clean
@@ -16,24 +18,29 @@ export DETECTRON2_DATASETS ?= $(CURDIR)/datasets
 setup:
 	@bash tools/setup_env.sh
 
-# Generates the embedded mosaic dataset under $(DETECTRON2_DATASETS)/mosaic once.
+# Generates the procedural texture benchmark under $(DETECTRON2_DATASETS)/textures
+# once (~1 min); a later run only checks its manifest.
 data: setup
-	@$(PY) datasets/prepare_mosaic.py --root "$(DETECTRON2_DATASETS)"
+	@$(PY) datasets/prepare_textures.py --root "$(DETECTRON2_DATASETS)"
 
+# GMMSeg-Mask2Former-R18 (DEMO_MODEL=fcn_R18 or deeplabv3plus_R18: the per-pixel
+# GMM models): train on textures_sem_seg_train, then mIoU on the test split and
+# density vs MSP vs the post-hoc Gaussian on near- and far-OOD, one checkpoint.
 demo: setup data
-	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT)
-	$(PY) tools/visualize_predictions.py --config-file $(DEMO_CONFIG) \
-		--output $(DEMO_OUTPUT)/predictions.png \
-		OUTPUT_DIR $(DEMO_OUTPUT) MODEL.WEIGHTS $(DEMO_OUTPUT)/model_final.pth
-	@echo
-	@$(PY) tools/print_results.py "GMM, this run ($(notdir $(DEMO_CONFIG)))=$(DEMO_OUTPUT)/eval_results.json" \
-		"softmax, recorded run (MSP score)=$(DEMO_BASELINE)"
-	@echo "Results: $(DEMO_OUTPUT)/eval_results.json  picture: $(DEMO_OUTPUT)/predictions.png"
+	$(PY) benchmarks/open_world.py --models $(DEMO_MODEL) --classifiers gmm --seeds 0 \
+		--output-dir $(DEMO_OUTPUT) --recorded $(DEMO_OUTPUT)/recorded \
+		--figure $(DEMO_OUTPUT)/histograms.png --figure-run $(DEMO_MODEL) gmm 0 \
+		--summary --reference benchmarks/recorded/open_world
+	$(PY) tools/visualize_predictions.py --config-file configs/textures/$(DEMO_CONFIG).yaml \
+		--output $(DEMO_OUTPUT)/predictions.png OUTPUT_DIR $(DEMO_OUTPUT)/$(DEMO_RUN) \
+		MODEL.WEIGHTS $(DEMO_OUTPUT)/$(DEMO_RUN)/model_final.pth \
+		DATASETS.TEST "('textures_sem_seg_test', 'textures_anomaly_near_test')"
+	@echo "Raw results: $(DEMO_OUTPUT)/recorded/$(DEMO_RUN).json  histograms: $(DEMO_OUTPUT)/histograms.png" \
+		" predictions: $(DEMO_OUTPUT)/predictions.png  (rm -r $(DEMO_OUTPUT) to train again)"
 
-# The per-pixel GMMSeg model (FCN-R18) against its recorded softmax baseline.
+# The per-pixel GMMSeg model (FCN-R18) on the same benchmark.
 demo-per-pixel:
-	@$(MAKE) demo DEMO_CONFIG=configs/mosaic/fcn_R18_gmm.yaml DEMO_OUTPUT=output/demo_per_pixel \
-		DEMO_BASELINE=benchmarks/recorded/mosaic_fcn_R18_softmax_seed0.json
+	@$(MAKE) demo DEMO_MODEL=fcn_R18 DEMO_OUTPUT=output/demo_per_pixel
 
 test: setup
 	$(PY) -m pytest -q tests
