@@ -80,6 +80,7 @@ __all__ = [
     "intervals_overlap",
     "check_texture_table",
     "render_texture_scene",
+    "scene_textures",
     "render_layout",
     "textures_dir",
     "generate_textures_dataset",
@@ -538,6 +539,51 @@ def _sample_layout(
     raise RuntimeError(f"could not draw a valid layout for {params}")
 
 
+def _scene_plan(
+    params: TexturesParams,
+    split: str,
+    index: int,
+    layout: Optional[tuple[np.ndarray, Sequence[Any]]] = None,
+) -> tuple[np.random.Generator, np.ndarray, list, np.ndarray]:
+    """``(rng, regions, textures, region_class)`` of a scene: its geometry, the
+    :class:`TextureSpec` of every region and the class id of every region
+    (255 for anomalies); ``rng`` is left where rendering continues."""
+    if split not in TEXTURES_SPLITS:
+        raise ValueError(f"unknown textures split {split!r}; expected one of {sorted(TEXTURES_SPLITS)}")
+    _, stream, kind = TEXTURES_SPLITS[split]
+    rng = np.random.default_rng(np.random.SeedSequence(params.seed, spawn_key=(stream, index)))
+    num_classes = len(TEXTURE_CLASSES)
+    textures: list[TextureSpec] = []
+    region_class = np.full(256, IGNORE_LABEL, np.uint8)
+    if layout is None:
+        num_anomalies = 0 if kind == "sem_seg" else int(rng.integers(1, 3))
+        regions, num_regions, anomalies = _sample_layout(rng, params, num_anomalies)
+        classes = rng.choice(num_classes, size=num_regions, replace=False)
+        pool = NEAR_OOD_TEXTURES if kind == "near" else FAR_OOD_TEXTURES
+        for region in range(num_regions):
+            if region in anomalies:
+                textures.append(pool[int(rng.integers(len(pool)))])
+            else:
+                textures.append(TEXTURE_CLASSES[int(classes[region])])
+                region_class[region] = classes[region]
+    else:
+        regions = np.asarray(layout[0], np.uint8)
+        for region, item in enumerate(layout[1]):
+            spec = TEXTURE_CLASSES[int(item)] if isinstance(item, (int, np.integer)) else item
+            if spec in TEXTURE_CLASSES:
+                region_class[region] = TEXTURE_CLASSES.index(spec)
+            elif kind == "sem_seg":
+                raise ValueError(f"anomaly texture {spec.name!r} in in-distribution split {split!r}")
+            textures.append(spec)
+    return rng, regions, textures, region_class
+
+
+def scene_textures(params: TexturesParams, split: str, index: int) -> list[TextureSpec]:
+    """The :class:`TextureSpec` of each region of a scene, by region index
+    (which near/far-OOD texture an anomaly region shows, for analyses)."""
+    return _scene_plan(params, split, index)[2]
+
+
 def render_texture_scene(
     params: TexturesParams,
     split: str,
@@ -557,37 +603,10 @@ def render_texture_scene(
     anomalies; only allowed in anomaly splits). Texture parameters are still
     drawn from the scene's random stream.
     """
-    if split not in TEXTURES_SPLITS:
-        raise ValueError(f"unknown textures split {split!r}; expected one of {sorted(TEXTURES_SPLITS)}")
-    _, stream, kind = TEXTURES_SPLITS[split]
-    rng = np.random.default_rng(np.random.SeedSequence(params.seed, spawn_key=(stream, index)))
-    num_classes = len(TEXTURE_CLASSES)
-    if layout is None:
-        num_anomalies = 0 if kind == "sem_seg" else int(rng.integers(1, 3))
-        regions, num_regions, anomalies = _sample_layout(rng, params, num_anomalies)
-        classes = rng.choice(num_classes, size=num_regions, replace=False)
-        pool = NEAR_OOD_TEXTURES if kind == "near" else FAR_OOD_TEXTURES
-        textures: list[TextureSpec] = []
-        region_class = np.full(256, IGNORE_LABEL, np.uint8)
-        for region in range(num_regions):
-            if region in anomalies:
-                textures.append(pool[int(rng.integers(len(pool)))])
-            else:
-                textures.append(TEXTURE_CLASSES[int(classes[region])])
-                region_class[region] = classes[region]
-    else:
-        regions = np.asarray(layout[0], np.uint8)
-        textures, region_class = [], np.full(256, IGNORE_LABEL, np.uint8)
-        for region, item in enumerate(layout[1]):
-            spec = TEXTURE_CLASSES[int(item)] if isinstance(item, (int, np.integer)) else item
-            if spec in TEXTURE_CLASSES:
-                region_class[region] = TEXTURE_CLASSES.index(spec)
-            elif kind == "sem_seg":
-                raise ValueError(f"anomaly texture {spec.name!r} in in-distribution split {split!r}")
-            textures.append(spec)
+    rng, regions, textures, region_class = _scene_plan(params, split, index, layout)
     image = render_layout(rng, regions, textures, noise_sigma=float(rng.uniform(2.0, 4.0)))
     class_map = region_class[regions]
-    if kind == "sem_seg":
+    if TEXTURES_SPLITS[split][2] == "sem_seg":
         label = class_map
     else:
         label = np.where(class_map == IGNORE_LABEL, ANOMALY_LABEL, IN_DISTRIBUTION_LABEL).astype(np.uint8)
