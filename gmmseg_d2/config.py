@@ -220,6 +220,9 @@ def add_gmmseg_config(cfg: CN) -> None:
     # Class score from component log-likelihoods: "max" (official code) or
     # "logsumexp" (the mixture sum the paper writes).
     cfg.MODEL.GMM.COMPONENT_REDUCTION = "max"
+    # LayerNorm over the C class scores gives the logits (official
+    # `mask_norm`). False: the raw log-likelihoods are the logits (ablation).
+    cfg.MODEL.GMM.CLASS_NORM = True
     # Which samples of a class the Sinkhorn E-step assigns: "all" (every
     # labelled sample, each gets its Sinkhorn component as contrastive
     # target: the official code's rule, the default) or "correct" (only the

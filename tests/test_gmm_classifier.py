@@ -670,3 +670,16 @@ def test_old_checkpoint_loads_into_the_old_options(tmp_path):
     # It does not fit the new default embedding: the keys differ.
     with pytest.raises(RuntimeError, match="projection"):
         make_classifier(memory_init="empty").load_state_dict(legacy)
+
+
+def test_class_norm_off_feeds_log_likelihoods_as_logits():
+    torch.manual_seed(0)
+    clf = GaussianMixtureClassifier(in_channels=6, num_classes=3, embed_dim=4, num_components=2,
+                                    memory_size=8, class_norm=False)
+    out = clf(torch.randn(10, 6))
+    assert torch.equal(out.class_logits, out.class_log_likelihood)
+    assert not any(name.startswith("class_norm") for name in clf.state_dict())
+    with_norm = GaussianMixtureClassifier(in_channels=6, num_classes=3, embed_dim=4, num_components=2,
+                                          memory_size=8)
+    out = with_norm(torch.randn(10, 6))
+    assert torch.allclose(out.class_logits.mean(dim=-1), torch.zeros(10), atol=1e-5)

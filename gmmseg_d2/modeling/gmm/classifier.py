@@ -223,6 +223,9 @@ class GaussianMixtureClassifier(nn.Module):
         mean_momentum: ``m`` of the mean update (0.999).
         std_momentum: ``m_s`` of the std update (0: replace).
         variance_floor: added to the variance before the square root (1e-2).
+        class_norm: LayerNorm over the ``C`` class log-likelihoods to make the
+            logits (official code: True). False feeds the log-likelihoods to
+            the CE directly (an ablation: their scale is tens of nats).
         update_interval: steps between M-steps (5).
         sinkhorn_epsilon: entropic regularisation of the E-step (0.05).
         sinkhorn_iterations: Sinkhorn rounds (3).
@@ -266,6 +269,7 @@ class GaussianMixtureClassifier(nn.Module):
         mean_momentum: float = 0.999,
         std_momentum: float = 0.0,
         variance_floor: float = 1e-2,
+        class_norm: bool = True,
         update_interval: int = 5,
         sinkhorn_epsilon: float = 0.05,
         sinkhorn_iterations: int = 3,
@@ -326,7 +330,7 @@ class GaussianMixtureClassifier(nn.Module):
             nn.init.zeros_(self.projection.bias)
         self.embedding_norm = nn.LayerNorm(embed_dim)
         # LayerNorm over the C class log-likelihoods gives the logits.
-        self.class_norm = nn.LayerNorm(num_classes)
+        self.class_norm = nn.LayerNorm(num_classes) if class_norm else nn.Identity()
 
         means = torch.empty(num_classes, num_components, embed_dim)
         nn.init.trunc_normal_(means, std=0.02)
@@ -354,6 +358,7 @@ class GaussianMixtureClassifier(nn.Module):
             "mean_momentum": gmm.MEAN_MOMENTUM,
             "std_momentum": gmm.STD_MOMENTUM,
             "variance_floor": gmm.VARIANCE_FLOOR,
+            "class_norm": gmm.CLASS_NORM,
             "update_interval": gmm.UPDATE_INTERVAL,
             "sinkhorn_epsilon": gmm.SINKHORN_EPSILON,
             "sinkhorn_iterations": gmm.SINKHORN_ITERATIONS,
