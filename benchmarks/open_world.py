@@ -319,11 +319,22 @@ def anomaly_results(scorer: Scorer, records: List[Dict], border: int, keep_histo
     return out
 
 
+def records_with_images(dataset_name: str, image_format: str, limit: Optional[int] = None) -> List[Dict]:
+    """The first ``limit`` records of a dataset with their ``"image"`` ``(3, H, W)`` uint8 tensor."""
+    import torch
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+
+    result = []
+    for record in DatasetCatalog.get(dataset_name)[:limit]:
+        image = read_image(record["file_name"], format=image_format)
+        result.append(dict(record, image=torch.as_tensor(image.transpose(2, 0, 1).copy())))
+    return result
+
+
 def score_checkpoint(config: str, weights: str, output_dir: str, num_fit_images: int, border: int,
                      extra_opts: List[str]) -> Dict:
-    import torch
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data import DatasetCatalog
 
     import gmmseg_d2  # noqa: F401  (registers datasets and models)
     from gmmseg_d2.engine import Trainer, setup_cfg
@@ -338,14 +349,7 @@ def score_checkpoint(config: str, weights: str, output_dir: str, num_fit_images:
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
 
     def records(name: str, limit: Optional[int] = None) -> List[Dict]:
-        from detectron2.data.detection_utils import read_image
-
-        result = []
-        for record in DatasetCatalog.get(name)[:limit]:
-            image = read_image(record["file_name"], format=cfg.INPUT.FORMAT)
-            record = dict(record, image=torch.as_tensor(image.transpose(2, 0, 1).copy()))
-            result.append(record)
-        return result
+        return records_with_images(name, cfg.INPUT.FORMAT, limit)
 
     timings = {}
     start = time.perf_counter()

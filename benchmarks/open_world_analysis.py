@@ -56,7 +56,6 @@ def analyse(run_dir: str, border: int, num_fit_images: int) -> Dict:
     import torch.nn.functional as F
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
-    from detectron2.data.detection_utils import read_image
 
     import gmmseg_d2  # noqa: F401
     from gmmseg_d2.data.datasets.textures import (
@@ -75,11 +74,7 @@ def analyse(run_dir: str, border: int, num_fit_images: int) -> Dict:
     scorer = open_world.Scorer(cfg, model)
 
     def records(name: str, limit=None) -> List[Dict]:
-        out = []
-        for record in DatasetCatalog.get(name)[:limit]:
-            image = read_image(record["file_name"], format=cfg.INPUT.FORMAT)
-            out.append(dict(record, image=torch.as_tensor(image.transpose(2, 0, 1).copy())))
-        return out
+        return open_world.records_with_images(name, cfg.INPUT.FORMAT, limit)
 
     open_world.fit_posthoc_gaussians(scorer, records(open_world.TRAIN_SEM_SEG, num_fit_images),
                                      cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
