@@ -370,13 +370,14 @@ def score_checkpoint(config: str, weights: str, output_dir: str, num_fit_images:
 # ----------------------------------------------------------------------- tables
 
 
-def _mean_sd(values: List[float]) -> str:
+def _mean_sd(values: List[float], digits: int = 1) -> str:
+    """Mean ± sd of the finite values (a run with a NaN timing is left out of that cell)."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def load_records(recorded_dir: str) -> List[Dict]:
@@ -415,7 +416,7 @@ def format_tables(records: List[Dict], split_kind: str = "test") -> str:
             f"| {_mean_sd([r['sem_seg_test']['mIoU'] for r in runs])} "
             f"| {_mean_sd([r['sem_seg_test']['pACC'] for r in runs])} "
             f"| {_mean_sd([r['train_seconds'] / 60 for r in runs])} "
-            f"| {statistics.mean(r['step_time'] for r in runs):.3f} |")
+            f"| {_mean_sd([r['step_time'] for r in runs], digits=3)} |")
     for region in REGIONS:
         lines += ["", f"### Anomaly, {region} pixels (textures_anomaly_{{near,far}}_{split_kind}; "
                       "AP / FPR95 / AUROC in %, mean ± sd over seeds)", "",
@@ -448,6 +449,24 @@ def format_summary(records: List[Dict], labels: List[str]) -> str:
             cells = [f"{record['anomaly'][f'{kind}_test'][score]['all'][metric]:.1f}"
                      for kind in ("near", "far") for metric in ("AP", "AUROC", "FPR95")]
             lines.append(f"| {label} | {record['sem_seg_test']['mIoU']:.1f} | {score} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_sweep(records: List[Dict], family: str = "fcn_R18", seed: int = 0) -> str:
+    """Settings sweep (``--tag`` runs) against the untagged run, on the *val* splits."""
+    runs = [r for r in records if r["family"] == family and r["classifier"] == "gmm" and r["seed"] == seed]
+    runs.sort(key=lambda r: (r.get("tag", "") != "", r.get("tag", "")))
+    lines = [f"| {family} GMM, seed {seed} | val mIoU | density near AUROC | near AP | near FPR95 "
+             "| far AUROC | far AP | far FPR95 | MSP near / far AUROC |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        density = [r["anomaly"][f"{kind}_val"]["density"]["all"] for kind in ("near", "far")]
+        msp = [r["anomaly"][f"{kind}_val"]["msp"]["all"]["AUROC"] for kind in ("near", "far")]
+        lines.append(f"| {r.get('tag') or 'config defaults'} {' '.join(r.get('opts', []))} "
+                     f"| {r['sem_seg_val']['mIoU']:.1f} "
+                     f"| {density[0]['AUROC']:.1f} | {density[0]['AP']:.1f} | {density[0]['FPR95']:.1f} "
+                     f"| {density[1]['AUROC']:.1f} | {density[1]['AP']:.1f} | {density[1]['FPR95']:.1f} "
+                     f"| {msp[0]:.1f} / {msp[1]:.1f} |")
     return "\n".join(lines)
 
 
@@ -519,6 +538,8 @@ def main() -> None:
                         metavar=("MODEL", "CLASSIFIER", "SEED"))
     parser.add_argument("--score-only", action="store_true",
                         help="re-score existing checkpoints instead of training missing runs")
+    parser.add_argument("--sweep-table", action="store_true",
+                        help="print the settings sweep (all --tag runs of FCN-R18 GMM seed 0) on the val splits")
     parser.add_argument("--summary", action="store_true",
                         help="print only a short table of the runs asked for (density vs MSP vs post-hoc Gaussian)")
     parser.add_argument("--reference", default=None,
@@ -526,6 +547,9 @@ def main() -> None:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args()
     recorded_dir = os.path.join(REPO_ROOT, args.recorded)
+    if args.sweep_table:
+        print(format_sweep(load_records(recorded_dir)))
+        return
     if not args.table_only:
         for seed in args.seeds:
             for family in args.models:

@@ -8,6 +8,8 @@ measures, on ``textures_*_val`` (settings are chosen on val, never on test):
   AUROC of each score against the split's in-distribution pixels, region
   interiors only — which kinds of novelty a score can see at all;
 * GMM checkpoints only, at the feature resolution:
+  - ``gaussian_on_gmm_embedding``: a full-covariance Gaussian per class fitted
+    post hoc on the GMM's own embeddings, scored like the others;
   - embedding geometry: mean cosine of a pixel's embedding to the nearest
     component mean of its own class (spread) vs the largest cosine between
     component means of different classes (separation);
@@ -35,7 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import open_world  # noqa: E402
 
 SPLITS = ("near_val", "far_val")
-SCORES = ("density", "density_lse", "msp", "max_logit", "energy", "gaussian_per_class", "gaussian_shared")
+SCORES = ("density", "density_lse", "msp", "max_logit", "energy", "gaussian_per_class", "gaussian_shared",
+          "gaussian_on_gmm_embedding")
 
 
 def _texture_of_pixels(record: Dict, params) -> "np.ndarray":
@@ -78,6 +81,23 @@ def analyse(run_dir: str, border: int, num_fit_images: int) -> Dict:
 
     open_world.fit_posthoc_gaussians(scorer, records(open_world.TRAIN_SEM_SEG, num_fit_images),
                                      cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+    embedding_gaussian = None
+    if scorer.is_gmm:
+        # The control the GMM itself suggests: one full-covariance Gaussian per
+        # class fitted post hoc on the GMM's own embeddings (unit sphere, 64-d),
+        # i.e. the same space without the diagonal, floored, 5-component model.
+        from gmmseg_d2.modeling.class_gaussian import ClassConditionalGaussian
+
+        embedding_gaussian = ClassConditionalGaussian(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, cfg.MODEL.GMM.EMBED_DIM,
+                                                      "per_class")
+        for record in records(open_world.TRAIN_SEM_SEG, num_fit_images):
+            scorer.features(record)
+            embeddings = scorer.captured["predictor_output"].embeddings[0]  # (h, w, D)
+            h, w = embeddings.shape[:2]
+            labels = torch.from_numpy(open_world.read_png(record["sem_seg_file_name"]).astype("int64"))
+            labels = F.interpolate(labels[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+            embedding_gaussian.accumulate(embeddings.reshape(h * w, -1), labels.flatten())
+        embedding_gaussian.fit()
     dataset_dir = os.path.dirname(os.path.dirname(os.path.dirname(DatasetCatalog.get("textures_anomaly_near_val")[0]
                                                                    ["file_name"])))
     params = TexturesParams(**read_textures_manifest(dataset_dir)["params"])
@@ -92,6 +112,13 @@ def analyse(run_dir: str, border: int, num_fit_images: int) -> Dict:
         textures, labels, bands = [], [], []
         for record in records(f"textures_anomaly_{split}"):
             _, maps = scorer(record)
+            if embedding_gaussian is not None:
+                embeddings = scorer.captured["predictor_output"].embeddings[0]
+                h, w = embeddings.shape[:2]
+                stride = model.sem_seg_head.output_stride
+                score = embedding_gaussian.anomaly_score(embeddings.reshape(h * w, -1)).view(h, w).float()
+                maps["gaussian_on_gmm_embedding"] = scorer._to_image(score, (h * stride, w * stride),
+                                                                     (record["height"], record["width"]))
             for name in SCORES:
                 if name in maps:
                     scores.setdefault(name, []).append(maps[name].numpy().reshape(-1))
@@ -119,6 +146,9 @@ def analyse(run_dir: str, border: int, num_fit_images: int) -> Dict:
         inlier = interior & (label == 0)
         for name, chunks in scores.items():
             value = np.concatenate(chunks)
+            keep = interior
+            result.setdefault("pooled_interior_auroc", {}).setdefault(split, {})[name] = anomaly_metrics(
+                value[keep], label[keep], ignore_label=None)["AUROC"]
             for kind in sorted(set(texture[label == 1])):
                 pick = interior & (texture == kind) & (label == 1)
                 keep = inlier | pick
@@ -171,6 +201,8 @@ def main() -> None:
         print("|---|" + "---|" * len(names))
         for kind, row in sorted(result["by_kind"].items()):
             print(f"| {kind} | " + " | ".join(f"{row[n]:.1f}" for n in names) + " |")
+        for split, row in result["pooled_interior_auroc"].items():
+            print(f"| all of {split} | " + " | ".join(f"{row[n]:.1f}" for n in names) + " |")
         if "gmm" in result:
             print(json.dumps(result["gmm"], indent=1))
     if args.json:
