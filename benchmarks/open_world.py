@@ -604,7 +604,10 @@ def main() -> None:
         with open(args.table, "w") as f:
             f.write(tables + "\n")
     family, classifier, seed = args.figure_run
-    figure = write_figure(records, family, classifier, int(seed), os.path.join(REPO_ROOT, args.figure))
+    figure_path = os.path.join(REPO_ROOT, args.figure)
+    if args.tag:  # a settings sweep must not overwrite the main table's figure
+        figure_path = f"{os.path.splitext(figure_path)[0]}{args.tag}.png"
+    figure = write_figure(records, family, classifier, int(seed), figure_path)
     if figure:
         print(f"[open_world] figure: {figure}")
 
