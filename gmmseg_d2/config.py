@@ -199,7 +199,7 @@ def add_gmmseg_config(cfg: CN) -> None:
     cfg.MODEL.SEM_SEG_HEAD.ANOMALY_SCORE = "msp"
 
     # ---------------------------------------------------- the GMM classifier
-    # Defaults are the paper's / official code's (shared/DESIGN.md §1.1).
+    # Defaults are the paper's / official code's (the paper and the official code).
     cfg.MODEL.GMM = CN()
     cfg.MODEL.GMM.EMBED_DIM = 64
     cfg.MODEL.GMM.NUM_COMPONENTS = 5
@@ -226,7 +226,7 @@ def add_gmmseg_config(cfg: CN) -> None:
     # Which samples of a class the Sinkhorn E-step assigns: "all" (every
     # labelled sample, each gets its Sinkhorn component as contrastive
     # target: the official code's rule, the default) or "correct" (only the
-    # ones the model currently classifies correctly, as DESIGN §1.1 states;
+    # ones the model currently classifies correctly, as the paper states;
     # the others get their closest own-class component as target). Only
     # correctly classified samples enter the memory either way; "correct"
     # exists so that the balanced Sinkhorn split is computed on exactly the

@@ -75,7 +75,7 @@ def test_from_config_defaults_and_overrides():
     cfg = get_cfg()
     add_gmmseg_config(cfg)
     gmm = cfg.MODEL.GMM
-    # DESIGN §1.1 defaults.
+    # the paper defaults.
     assert (gmm.EMBED_DIM, gmm.NUM_COMPONENTS, gmm.MEMORY_SIZE, gmm.MAX_SAMPLES_PER_COMPONENT) == (64, 5, 32000, 20)
     assert (gmm.MEAN_MOMENTUM, gmm.STD_MOMENTUM, gmm.VARIANCE_FLOOR, gmm.UPDATE_INTERVAL) == (0.999, 0.0, 1e-2, 5)
     assert (gmm.SINKHORN_EPSILON, gmm.SINKHORN_ITERATIONS, gmm.CONTRASTIVE_LOSS_WEIGHT) == (0.05, 3, 0.01)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def numpy_sinkhorn(scores: np.ndarray, iterations: int, epsilon: float) -> np.ndarray:
-    """DESIGN §1.1 step by step, on a (components x samples) matrix as the paper's SwAV-style code does."""
+    """the paper step by step, on a (components x samples) matrix as the paper's SwAV-style code does."""
     scaled = scores / np.abs(scores).max()
     q = np.exp(scaled / epsilon).T  # (M, N)
     num_components, num_samples = q.shape

@@ -1,7 +1,7 @@
 """The GMMSeg-Mask2Former configs under configs/*/semantic-segmentation/gmmseg/.
 
 Each one is an official-layout Mask2Former config with the GMM class head and
-the GMMSeg paper's recipe (shared/DESIGN.md §1.1, "Training recipes"): AdamW
+the GMMSeg paper's recipe (the paper and the official code, "Training recipes"): AdamW
 lr 1e-4, weight decay 0.05, batch 16, lr x0.1 at 0.9 and 0.95 of training;
 ADE20K 160k, Cityscapes 90k (1024x1024 crops, 1024x1024 sliding-window test),
 COCO-Stuff 80k. tests/test_official_configs.py checks that they merge and name

@@ -1,4 +1,4 @@
-"""GMMSeg's generative mask classifier in Mask2Former (DESIGN §2.1).
+"""GMMSeg's generative mask classifier in Mask2Former (the paper).
 
 With ``MODEL.MASK_FORMER.CLASSIFIER: "gmm"`` the transformer decoder's class
 head ``sem_seg_head.predictor.class_embed`` is a
@@ -150,7 +150,7 @@ class QueryGaussianMixtureClassifier(GaussianMixtureClassifier):
     #: Parameter names of Mask2Former's linear class head, relative to ``class_embed``.
     SOFTMAX_HEAD_KEYS = ("weight", "bias")
     #: Defaults that differ from the per-pixel classifier's, used when the
-    #: classifier is built from explicit arguments. Linear embedding (DESIGN:
+    #: classifier is built from explicit arguments. Linear embedding (the paper:
     #: query heads use linear -> LN -> L2; a BatchNorm over ~B x Q queries of
     #: very different kinds, mostly "no object", is no per-pixel statistic);
     #: empty memory with the bootstrap (see MODEL.MASK_FORMER.GMM_MEMORY_INIT).
@@ -206,7 +206,7 @@ def build_query_class_head(cfg, kind: Optional[str] = None) -> nn.Module:
         kwargs["bootstrap_empty_classes"] = cfg.MODEL.MASK_FORMER.GMM_BOOTSTRAP_EMPTY_CLASSES
         # MODEL.GMM.EMBEDDING is a per-pixel key (its default, the official
         # conv -> BN -> ReLU, is a per-pixel head's); query heads always embed
-        # with linear -> LayerNorm -> L2 (DESIGN), so old checkpoints keep
+        # with linear -> LayerNorm -> L2 (the paper), so old checkpoints keep
         # their class_embed.projection.{weight,bias} keys.
         kwargs["embedding"] = "linear"
         samples = cfg.MODEL.MASK_FORMER.GMM_MEMORY_SAMPLES
