@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
-import time
-from typing import Callable, Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from gmmseg_d2.modeling.gmm import GaussianMixtureClassifier, diagonal_gaussian_log_likelihood
+from measure import available_bytes, interleaved_min_times, peak_bytes  # benchmarks/measure.py
 
 NUM_COMPONENTS, DIM = 5, 64
 NAIVE_LIMIT_BYTES = 8 * 2**30
@@ -64,56 +63,6 @@ def naive_log_likelihood(x: torch.Tensor, means: torch.Tensor, stds: torch.Tenso
 def naive_bytes(n: int, num_classes: int, backward: bool) -> int:
     """Rough peak of the naive method: two (N, C*M, D) float32 temporaries forward, four with backward."""
     return (4 if backward else 2) * n * num_classes * NUM_COMPONENTS * DIM * 4
-
-
-# --------------------------------------------------------------- measurement
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
-def available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        return int(re.search(r"MemAvailable:\s+(\d+)", f.read()).group(1)) * 1024
-
-
-def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
-    """Extra memory at the peak of one call of ``fn``."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    base = _rss_kib("VmRSS")
-    fn()
-    return (_rss_kib("VmHWM") - base) * 1024
-
-
-def interleaved_min_times(fns: Dict[str, Callable[[], None]], rounds: Dict[str, int], device) -> Dict[str, float]:
-    """Minimum seconds per call of each function, the functions alternating within each round."""
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for fn in fns.values():  # warm-up: kernels, allocator, page tables
-        fn()
-    best = {name: float("inf") for name in fns}
-    for r in range(max(rounds.values())):
-        for name, fn in fns.items():
-            if r < rounds[name]:
-                best[name] = min(best[name], timed(fn))
-    return best
 
 
 # ------------------------------------------------------------- score benchmark

@@ -31,9 +31,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import ctypes
-import re
-import time
 from typing import Callable, Dict, Optional
 
 import torch
@@ -45,6 +42,7 @@ from gmmseg_d2.modeling.pixel_decoder import (
     available_ms_deform_attn_backends,
     multi_scale_deformable_attention,
 )
+from measure import interleaved_min_times, peak_bytes  # benchmarks/measure.py
 
 D_MODEL, HEADS, POINTS = 256, 8, 4
 STRIDES = (8, 16, 32)
@@ -68,62 +66,6 @@ def stacked_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_
 
 
 # --------------------------------------------------------------- measurement
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
-def _release_free_heap() -> None:
-    # Freed blocks that glibc keeps count in RSS, so a later call reusing them
-    # would show no growth; hand them back first.
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_bytes(fn: Callable[[], None], device: torch.device) -> Optional[int]:
-    """Extra memory at the peak of one call of ``fn`` (None where it cannot be read)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    _release_free_heap()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    except OSError:
-        return None
-    base = _rss_kib("VmRSS")
-    fn()
-    return (_rss_kib("VmHWM") - base) * 1024
-
-
-def interleaved_min_times(fns: Dict[str, Callable[[], None]], rounds: int, device) -> Dict[str, float]:
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for fn in fns.values():  # warm-up: kernels, allocator, page tables
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            best[name] = min(best[name], timed(fn))
-    return best
-
-
-# ----------------------------------------------------------------- problem
 
 
 def make_problem(size: int, batch: int, device, seed: int = 0):

@@ -108,11 +108,10 @@ def border_band(regions, radius: int):
 
 
 def read_png(path: str):
-    import numpy as np
-    from PIL import Image
+    """A label or region PNG as its stored integers (gmmseg_d2's one label reader)."""
+    from gmmseg_d2.utils.io import read_label_map
 
-    with Image.open(path) as image:
-        return np.asarray(image)
+    return read_label_map(path, dtype=None)
 
 
 class Scorer:
@@ -283,7 +282,7 @@ def anomaly_results(scorer: Scorer, records: List[Dict], border: int, keep_histo
     """``{score: {region: {AP, FPR95, AUROC}}}`` (+ ``"_histograms"``) for one anomaly split."""
     import numpy as np
 
-    from gmmseg_d2.evaluation.anomaly_evaluation import anomaly_metrics
+    from gmmseg_d2.evaluation import anomaly_metrics
 
     collected: Dict[str, List[np.ndarray]] = {}
     labels, bands = [], []

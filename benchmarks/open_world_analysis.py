@@ -65,7 +65,7 @@ def analyse(run_dir: str, border: int, num_fit_images: int) -> Dict:
         FAR_OOD_TEXTURES, NEAR_OOD_TEXTURES, TexturesParams, read_textures_manifest,
     )
     from gmmseg_d2.engine import Trainer, setup_cfg
-    from gmmseg_d2.evaluation.anomaly_evaluation import anomaly_metrics
+    from gmmseg_d2.evaluation import anomaly_metrics
 
     args = argparse.Namespace(config_file=os.path.join(run_dir, "config.yaml"), opts=[])
     cfg = setup_cfg(args, default_setup_logging=False)

@@ -12,7 +12,6 @@ Outputs are written atomically; a second run completes an interrupted one
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import List, Optional
@@ -20,13 +19,11 @@ from typing import List, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gmmseg_d2.data.datasets.cityscapes import cityscapes_dir, prepare_cityscapes_sem_seg  # noqa: E402
+from gmmseg_d2.data.datasets.common import prepare_argument_parser  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=None, help="datasets root (default: $DETECTRON2_DATASETS or ./datasets)")
-    parser.add_argument("--force", action="store_true", help="rewrite existing outputs")
-    parser.add_argument("--num-workers", type=int, default=None, help="threads (default: all cores)")
+    parser = prepare_argument_parser(__doc__, force=True)
     args = parser.parse_args(argv)
     written = prepare_cityscapes_sem_seg(args.root, force=args.force, num_workers=args.num_workers)
     print(f"Cityscapes at {os.path.abspath(cityscapes_dir(args.root))}: labelTrainIds written per split {written}")

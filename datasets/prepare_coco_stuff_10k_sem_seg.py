@@ -13,7 +13,6 @@ Registered names: coco_2017_train_stuff_10k_sem_seg / coco_2017_test_stuff_10k_s
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import List, Optional
@@ -24,15 +23,13 @@ from gmmseg_d2.data.datasets.coco_stuff import (  # noqa: E402
     COCO_STUFF_10K_VERSIONS,
     prepare_coco_stuff_10k_sem_seg,
 )
+from gmmseg_d2.data.datasets.common import prepare_argument_parser  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=None, help="datasets root (default: $DETECTRON2_DATASETS or ./datasets)")
+    parser = prepare_argument_parser(__doc__, force=True)
     parser.add_argument("--version", choices=COCO_STUFF_10K_VERSIONS, default="1.1",
                         help="release of the .mat annotations (default: 1.1)")
-    parser.add_argument("--force", action="store_true", help="rewrite existing outputs")
-    parser.add_argument("--num-workers", type=int, default=None, help="threads (default: all cores)")
     args = parser.parse_args(argv)
     counts = prepare_coco_stuff_10k_sem_seg(args.root, version=args.version, force=args.force,
                                             num_workers=args.num_workers)

@@ -11,7 +11,6 @@ Registered names: coco_2017_train_stuff_sem_seg / coco_2017_val_stuff_sem_seg.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import List, Optional
@@ -19,13 +18,11 @@ from typing import List, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gmmseg_d2.data.datasets.coco_stuff import prepare_coco_stuff_164k_sem_seg  # noqa: E402
+from gmmseg_d2.data.datasets.common import prepare_argument_parser  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=None, help="datasets root (default: $DETECTRON2_DATASETS or ./datasets)")
-    parser.add_argument("--force", action="store_true", help="rewrite existing outputs")
-    parser.add_argument("--num-workers", type=int, default=None, help="threads (default: all cores)")
+    parser = prepare_argument_parser(__doc__, force=True)
     args = parser.parse_args(argv)
     written = prepare_coco_stuff_164k_sem_seg(args.root, force=args.force, num_workers=args.num_workers)
     print(f"COCO-Stuff-164k: label files written per split {written}")

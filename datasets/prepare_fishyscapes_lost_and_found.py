@@ -14,7 +14,6 @@ Registered name: fishyscapes_lost_and_found_val (evaluator_type "anomaly").
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import List, Optional
@@ -22,17 +21,16 @@ from typing import List, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gmmseg_d2.data.datasets.anomaly import prepare_fishyscapes_lost_and_found  # noqa: E402
+from gmmseg_d2.data.datasets.common import prepare_argument_parser  # noqa: E402
 from gmmseg_d2.data.datasets.common import datasets_root  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=None, help="datasets root (default: $DETECTRON2_DATASETS or ./datasets)")
+    parser = prepare_argument_parser(__doc__)
     parser.add_argument("--masks", default=None, help="unzipped fishyscapes_lostandfound.zip "
                         "(default: ROOT/fishyscapes/fishyscapes_lostandfound)")
     parser.add_argument("--lost-and-found", default=None,
                         help="Lost and Found dataset with leftImg8bit/ (default: ROOT/lost_and_found)")
-    parser.add_argument("--num-workers", type=int, default=None, help="threads (default: all cores)")
     args = parser.parse_args(argv)
     root = args.root if args.root is not None else datasets_root()
     masks = args.masks or os.path.join(root, "fishyscapes", "fishyscapes_lostandfound")

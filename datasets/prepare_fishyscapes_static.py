@@ -14,7 +14,6 @@ Registered name: fishyscapes_static_val (evaluator_type "anomaly").
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import List, Optional
@@ -22,17 +21,16 @@ from typing import List, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gmmseg_d2.data.datasets.anomaly import prepare_fishyscapes_static  # noqa: E402
+from gmmseg_d2.data.datasets.common import prepare_argument_parser  # noqa: E402
 from gmmseg_d2.data.datasets.common import datasets_root  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=None, help="datasets root (default: $DETECTRON2_DATASETS or ./datasets)")
+    parser = prepare_argument_parser(__doc__)
     parser.add_argument("--overlays", default=None,
                         help="unzipped fs_val_v3.zip (default: ROOT/fishyscapes/fs_val_v3)")
     parser.add_argument("--cityscapes-images", default=None,
                         help="Cityscapes leftImg8bit (default: ROOT/cityscapes/leftImg8bit)")
-    parser.add_argument("--num-workers", type=int, default=None, help="threads (default: all cores)")
     args = parser.parse_args(argv)
     root = args.root if args.root is not None else datasets_root()
     overlays = args.overlays or os.path.join(root, "fishyscapes", "fs_val_v3")

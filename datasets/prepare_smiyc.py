@@ -13,7 +13,6 @@ Registered names: smiyc_road_anomaly21_val, smiyc_road_obstacle21_val.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import List, Optional
@@ -21,18 +20,16 @@ from typing import List, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gmmseg_d2.data.datasets.anomaly import prepare_smiyc  # noqa: E402
-from gmmseg_d2.data.datasets.common import datasets_root  # noqa: E402
+from gmmseg_d2.data.datasets.common import datasets_root, prepare_argument_parser  # noqa: E402
 
 TRACK_FOLDERS = {"anomaly": "dataset_AnomalyTrack", "obstacle": "dataset_ObstacleTrack"}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=None, help="datasets root (default: $DETECTRON2_DATASETS or ./datasets)")
+    parser = prepare_argument_parser(__doc__)
     parser.add_argument("--track", choices=["anomaly", "obstacle", "both"], default="both")
     parser.add_argument("--source", default=None, help="the track's unzipped folder (only with one --track; "
                         "default: ROOT/segment_me_if_you_can/dataset_{Anomaly,Obstacle}Track)")
-    parser.add_argument("--num-workers", type=int, default=None, help="threads (default: all cores)")
     args = parser.parse_args(argv)
     if args.source and args.track == "both":
         parser.error("--source needs --track anomaly or --track obstacle")

@@ -18,7 +18,7 @@ from gmmseg_d2.data.samplers import (
     repeat_factor_probabilities,
 )
 from gmmseg_d2.engine import Trainer
-from gmmseg_d2.engine.resumable import ResumableTrainingStream, find_stream
+from gmmseg_d2.data.training_stream import ResumableTrainingStream, find_stream
 
 # Image i contains the classes of row i; class 3 is in no image, image 4 in none.
 PRESENCE = np.array([

@@ -14,7 +14,7 @@ from einops import rearrange
 
 from gmmseg_d2.config import add_gmmseg_config
 from gmmseg_d2.modeling.gmm import GaussianMixtureClassifier
-from gmmseg_d2.modeling.heads import GMMSegDeepLabV3PlusHead
+from gmmseg_d2.modeling.heads import DeepLabV3PlusClassifierHead, GMMSegDeepLabV3PlusHead
 from tests.conftest import REPO_ROOT
 
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
@@ -32,7 +32,7 @@ def _decoder_args(**overrides):
 def _head(**overrides):
     kwargs = dict(input_shape=INPUT_SHAPE, num_classes=5, **_decoder_args())
     kwargs.update(overrides)
-    return GMMSegDeepLabV3PlusHead(**kwargs)
+    return DeepLabV3PlusClassifierHead(**kwargs)
 
 
 def _features(batch=2, size=(6, 8), seed=0):
@@ -187,7 +187,7 @@ def test_every_config_parses(path):
     cfg.freeze()
     assert cfg.MODEL.META_ARCHITECTURE == "PerPixelSegmentor"
     if not os.path.basename(path).startswith("Base-"):
-        assert cfg.MODEL.SEM_SEG_HEAD.NAME in ("FCNHead", "GMMSegDeepLabV3PlusHead")
+        assert cfg.MODEL.SEM_SEG_HEAD.NAME in ("FCNHead", "DeepLabV3PlusClassifierHead")
         assert cfg.MODEL.SEM_SEG_HEAD.CLASSIFIER == ("gmm" if "gmm" in path else "softmax")
     # Weights are local paths: nothing is downloaded at run time.
     assert "://" not in cfg.MODEL.WEIGHTS
@@ -198,7 +198,7 @@ def test_mosaic_deeplab_models(classifier):
     cfg = _cfg(os.path.join(CONFIG_DIR, "mosaic", f"deeplabv3plus_R18_{classifier}.yaml"))
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    assert isinstance(model.sem_seg_head, GMMSegDeepLabV3PlusHead)
+    assert isinstance(model.sem_seg_head, DeepLabV3PlusClassifierHead)
     inputs = [{"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8),
                "sem_seg": torch.randint(0, 8, (64, 64))} for _ in range(2)]
     losses = model(inputs)
@@ -214,7 +214,7 @@ def test_mosaic_deeplab_models(classifier):
 
 def test_paper_configs_build_with_their_class_counts():
     """One R101 model is built; every paper config's head is built on its feature shapes."""
-    paper = [p for p in ALL_CONFIGS if os.path.basename(os.path.dirname(p)) not in ("mosaic", "textures")
+    paper = [p for p in ALL_CONFIGS if os.path.basename(os.path.dirname(p)) not in ("mosaic", "textures", "own_data")
              and not os.path.basename(p).startswith("Base-")]
     assert len(paper) == 12
     cfg = _cfg(os.path.join(CONFIG_DIR, "cityscapes", "deeplabv3plus_R101_gmm.yaml"))
@@ -242,3 +242,24 @@ def test_paper_configs_build_with_their_class_counts():
             assert predictor.num_classes == num_classes, path
         else:
             assert predictor.out_channels == num_classes, path
+
+
+def test_former_registry_name_builds_the_same_head():
+    """Configs written before the rename name the head GMMSegDeepLabV3PlusHead: still the same class."""
+    from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+
+    assert GMMSegDeepLabV3PlusHead is DeepLabV3PlusClassifierHead
+    assert SEM_SEG_HEADS_REGISTRY.get("GMMSegDeepLabV3PlusHead") is DeepLabV3PlusClassifierHead
+    cfg = _cfg(os.path.join(CONFIG_DIR, "mosaic", "deeplabv3plus_R18_softmax.yaml"))
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "GMMSegDeepLabV3PlusHead"
+    torch.manual_seed(0)
+    old = build_model(cfg)
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "DeepLabV3PlusClassifierHead"
+    torch.manual_seed(0)
+    new = build_model(cfg)
+    assert type(old.sem_seg_head) is DeepLabV3PlusClassifierHead
+    # Same parameter names and values: a checkpoint of either loads into the other.
+    old_state, new_state = old.state_dict(), new.state_dict()
+    assert old_state.keys() == new_state.keys()
+    assert all(torch.equal(old_state[k], new_state[k]) for k in old_state)
+

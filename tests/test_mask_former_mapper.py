@@ -9,7 +9,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from gmmseg_d2.data.dataset_mappers import MaskFormerSemanticDatasetMapper, PerPixelSemanticDatasetMapper
 from gmmseg_d2.engine import Trainer
-from gmmseg_d2.engine.resumable import find_stream
+from gmmseg_d2.data.training_stream import find_stream
 
 IGNORE = 255
 NUM_CLASSES = 4

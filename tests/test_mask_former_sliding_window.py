@@ -90,7 +90,7 @@ def test_window_larger_than_the_image_is_zero_padded_like_a_batch(one_torch_thre
 
 @pytest.mark.parametrize("config", [SOFTMAX_CONFIG, GMM_CONFIG], ids=["softmax", "gmm"])
 def test_overlapping_windows_blend_the_per_crop_results(config, one_torch_thread):
-    from gmmseg_d2.modeling.meta_arch.per_pixel_segmentor import sliding_window_weights
+    from gmmseg_d2.modeling.sliding_window import sliding_window_weights
 
     # 48x64 windows every (16, 32) on 64x96: rows start at 0 and 16, columns at
     # 0 and 32, 2x2 windows; 3 per batch, so the two chunks hold 3 and 1.

@@ -18,7 +18,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 
-from gmmseg_d2.data.datasets import mosaic
+from gmmseg_d2.data.datasets import mosaic, mosaic_generator
 from gmmseg_d2.data.datasets.mosaic import (
     MOSAIC_ANOMALY_SOURCES,
     MOSAIC_CLASSES,
@@ -270,16 +270,16 @@ def test_anomaly_photographs_are_not_training_sources() -> None:
     anomaly_functions = {t.skimage_function for t in MOSAIC_ANOMALY_SOURCES}
     assert not training_functions & anomaly_functions
     # Different names could still hide the same picture (e.g. chelsea/cat).
-    training_photos = [mosaic._load_skimage_photo(f) for f in sorted(training_functions)]
+    training_photos = [mosaic_generator._load_skimage_photo(f) for f in sorted(training_functions)]
     for function in sorted(anomaly_functions):
-        photo = mosaic._load_skimage_photo(function)
+        photo = mosaic_generator._load_skimage_photo(function)
         assert not any(p.shape == photo.shape and np.array_equal(p, photo) for p in training_photos), function
 
 
 def test_train_and_val_textures_come_from_disjoint_parts_of_each_photo() -> None:
-    bank = mosaic._texture_bank(0.25)
+    bank = mosaic_generator._texture_bank(0.25)
     for texture, train_part, val_part in zip(MOSAIC_TEXTURES, bank["train"], bank["val"]):
-        whole = mosaic._standardise(mosaic._load_skimage_photo(texture.skimage_function))
+        whole = mosaic_generator._standardise(mosaic_generator._load_skimage_photo(texture.skimage_function))
         axis = 0 if whole.shape[0] >= whole.shape[1] else 1
         assert np.array_equal(np.concatenate([train_part, val_part], axis=axis), whole), texture.name
         assert val_part.shape[axis] < train_part.shape[axis]

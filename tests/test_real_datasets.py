@@ -19,12 +19,11 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import CityscapesSemSegEvaluator, SemSegEvaluator, inference_on_dataset
 
 from gmmseg_d2.data.datasets import REAL_DATASET_NAMES, DatasetNotReadyError
-from gmmseg_d2.data.datasets import cityscapes as cityscapes_module
 from gmmseg_d2.data.datasets.cityscapes import CITYSCAPES_LABEL_ID_TO_TRAIN_ID
 from gmmseg_d2.data.datasets.anomaly import prepare_road_anomaly
 from gmmseg_d2.data.datasets.coco_stuff import COCO_STUFF_CLASSES, COCO_STUFF_DATASET_IDS
 from gmmseg_d2.engine import Trainer
-from gmmseg_d2.evaluation import AnomalyEvaluator
+from gmmseg_d2.evaluation import AnomalyEvaluator, cityscapes_evaluation
 from tests import real_dataset_trees as trees
 from tests.conftest import REPO_ROOT
 
@@ -327,7 +326,7 @@ def test_cityscapes_evaluation_pass(root, tmp_path, monkeypatch, official):
     if official:
         pytest.importorskip("cityscapesscripts")
     else:
-        monkeypatch.setattr(cityscapes_module, "cityscapesscripts_available", lambda: False)
+        monkeypatch.setattr(cityscapes_evaluation, "cityscapesscripts_available", lambda: False)
     trees.make_cityscapes(root)
     run_script("prepare_cityscapes_sem_seg")
     numpy_had_in1d = hasattr(np, "in1d")

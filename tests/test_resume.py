@@ -18,7 +18,7 @@ from detectron2.engine import HookBase, default_argument_parser
 from detectron2.utils.events import get_event_storage
 
 from gmmseg_d2.engine import Trainer
-from gmmseg_d2.engine.resumable import ResumableTrainingStream
+from gmmseg_d2.data.training_stream import ResumableTrainingStream
 from tests.conftest import REPO_ROOT
 from tests.test_train_net import _load_train_net
 

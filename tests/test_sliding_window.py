@@ -11,7 +11,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone, build_model
 
 from gmmseg_d2.modeling.meta_arch import PerPixelSegmentor
-from gmmseg_d2.modeling.meta_arch.per_pixel_segmentor import (
+from gmmseg_d2.modeling.sliding_window import (
     sliding_window_starts, sliding_window_weights,
 )
 from tests.conftest import REPO_ROOT

@@ -27,7 +27,7 @@ Two rules, both functions of which classes each training image contains
 Samples are drawn independently from ``P`` (in expectation the same mix as
 Detectron2's per-epoch repeats), each stream position from its own seed, so
 the weighted stream is as resumable and as independent of the number of
-ranks and workers as the default one (:mod:`gmmseg_d2.engine.resumable`).
+ranks and workers as the default one (:mod:`gmmseg_d2.data.training_stream`).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from torch.utils.data import Sampler
 from detectron2.config import CfgNode
 from detectron2.utils import comm
 
-from ..engine.resumable import ResumableTrainingStream
+from .training_stream import ResumableTrainingStream
 from .datasets.common import read_label_png, run_jobs
 
 __all__ = [
@@ -197,7 +197,7 @@ def draw_index(cumulative: np.ndarray, seed: int, position: int) -> int:
 
 
 class WeightedTrainingStream(ResumableTrainingStream):
-    """:class:`~gmmseg_d2.engine.resumable.ResumableTrainingStream` drawing images from per-image probabilities.
+    """:class:`~gmmseg_d2.data.training_stream.ResumableTrainingStream` drawing images from per-image probabilities.
 
     The ``k``-th sample of the stream is image :func:`draw_index` ``(seed, k)``:
     independent draws, each a pure function of the seed and the position, so

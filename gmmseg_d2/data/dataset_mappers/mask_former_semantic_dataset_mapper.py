@@ -13,6 +13,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
+from ...utils.io import read_image, read_label_map
 from .color_aug import ColorAugSSDTransform
 from .per_pixel_semantic_dataset_mapper import flip_augmentations, validate_label_values
 
@@ -121,7 +122,7 @@ class MaskFormerSemanticDatasetMapper:
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        image = read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
 
         label_file = dataset_dict.pop("sem_seg_file_name", None)
@@ -132,11 +133,7 @@ class MaskFormerSemanticDatasetMapper:
             raise ValueError(
                 f"Record {dataset_dict['file_name']} has 'annotations': this mapper is for "
                 "semantic segmentation datasets (label maps only)")
-        label = utils.read_image(label_file)
-        if label.ndim != 2:
-            raise ValueError(
-                f"Label file {label_file} has shape {label.shape}; a semantic label map must be a "
-                "single-channel image of class ids")
+        label = read_label_map(label_file, dtype=None)  # raises for a multi-channel file, naming it
         validate_label_values(label, self.allowed_label_values, label_file)
         # float64 as the official mapper: the resize then goes through torch's
         # nearest interpolation, which also handles uint16 label maps.

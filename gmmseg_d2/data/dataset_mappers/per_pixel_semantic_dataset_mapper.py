@@ -11,6 +11,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from ...utils.io import read_image, read_label_map
 from .color_aug import ColorAugSSDTransform
 
 __all__ = ["PerPixelSemanticDatasetMapper", "validate_label_values"]
@@ -127,12 +128,12 @@ class PerPixelSemanticDatasetMapper:
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        image = read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
 
         label_file = dataset_dict.get("sem_seg_file_name")
         if label_file is not None:
-            sem_seg = utils.read_image(label_file, "L").squeeze(2)
+            sem_seg = read_label_map(label_file, dtype=None)
             validate_label_values(sem_seg, self.allowed_label_values, label_file)
         elif self.is_train:
             raise ValueError(f"Training record {dataset_dict['file_name']} has no "

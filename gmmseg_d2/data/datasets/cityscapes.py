@@ -20,16 +20,12 @@ metadata is kept (``evaluator_type="cityscapes_sem_seg"``, 19
 ``createTrainIdLabelImgs`` (rasterises the polygons with train IDs): for the
 fine annotations both give the same maps.
 
-Evaluation (:func:`build_cityscapes_sem_seg_evaluator`): Detectron2's
-``CityscapesSemSegEvaluator`` (the official cityscapesscripts protocol:
-IoU and iIoU over the 19 classes, against ``*_gtFine_labelIds.png``) when
-``cityscapesscripts`` is installed, else ``SemSegEvaluator`` on the 19 train
-IDs (same IoU, no iIoU).
+Evaluation lives in :mod:`gmmseg_d2.evaluation.cityscapes_evaluation`
+(:func:`~gmmseg_d2.evaluation.build_cityscapes_sem_seg_evaluator`); its names
+stay importable from this module, which used to hold them.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import logging
 import os
 from typing import Dict, List, Optional
@@ -38,9 +34,7 @@ import numpy as np
 
 from detectron2.data.datasets.cityscapes import load_cityscapes_semantic
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
-from detectron2.evaluation import CityscapesSemSegEvaluator, DatasetEvaluator, SemSegEvaluator
 
-from ...utils.io import read_label_map
 from .common import (
     DatasetNotReadyError,
     convert_label_files,
@@ -61,13 +55,23 @@ __all__ = [
     "convert_cityscapes_label",
     "prepare_cityscapes_sem_seg",
     "load_cityscapes_fine_sem_seg",
-    "cityscapesscripts_available",
-    "build_cityscapes_sem_seg_evaluator",
-    "CityscapesSemSegEvaluatorNumpy2",
     "register_all_cityscapes",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Names that moved to gmmseg_d2.evaluation.cityscapes_evaluation (see ``__getattr__``).
+_MOVED_TO_EVALUATION = ("CityscapesSemSegEvaluatorNumpy2", "build_cityscapes_sem_seg_evaluator",
+                        "cityscapesscripts_available")
+
+
+def __getattr__(name: str):
+    """Old import path of the Cityscapes evaluator, resolved lazily (data does not import evaluation)."""
+    if name in _MOVED_TO_EVALUATION:
+        from ...evaluation import cityscapes_evaluation
+
+        return getattr(cityscapes_evaluation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: The 19 evaluated classes, in train-ID order (Detectron2's builtin metadata).
 CITYSCAPES_CLASSES: List[str] = list(_get_builtin_metadata("cityscapes")["stuff_classes"])
@@ -186,55 +190,6 @@ def load_cityscapes_fine_sem_seg(dataset_name: str, root: str) -> List[dict]:
             f"(e.g. {missing[0]})", fix)
     refresh_metadata(dataset_name, image_dir=image_dir, gt_dir=gt_dir)
     return load_cityscapes_semantic(image_dir, gt_dir)
-
-
-def cityscapesscripts_available() -> bool:
-    """Whether the official ``cityscapesscripts`` package can be imported."""
-    return importlib.util.find_spec("cityscapesscripts") is not None
-
-
-@contextlib.contextmanager
-def _numpy_in1d_alias():
-    """Provide ``numpy.in1d`` while the block runs, when numpy no longer has it.
-
-    cityscapesscripts (2.3.0, its latest release) calls ``np.in1d``, which
-    numpy 2.4 removed; ``np.isin`` on the flattened input is the same
-    function. The alias is removed again afterwards.
-    """
-    if hasattr(np, "in1d"):
-        yield
-        return
-
-    def in1d(ar1, ar2, assume_unique=False, invert=False):
-        return np.isin(np.asarray(ar1).ravel(), ar2, assume_unique=assume_unique, invert=invert)
-
-    np.in1d = in1d
-    try:
-        yield
-    finally:
-        del np.in1d
-
-
-class CityscapesSemSegEvaluatorNumpy2(CityscapesSemSegEvaluator):
-    """Detectron2's ``CityscapesSemSegEvaluator``, runnable with numpy >= 2.4 (see :func:`_numpy_in1d_alias`)."""
-
-    def evaluate(self):
-        with _numpy_in1d_alias():
-            return super().evaluate()
-
-
-def build_cityscapes_sem_seg_evaluator(
-    dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True
-) -> DatasetEvaluator:
-    """The evaluator of an ``evaluator_type="cityscapes_sem_seg"`` dataset (see the module docstring)."""
-    if cityscapesscripts_available():
-        return CityscapesSemSegEvaluatorNumpy2(dataset_name)
-    logger.info(
-        f"cityscapesscripts is not installed: evaluating {dataset_name} with SemSegEvaluator on the 19 "
-        "train IDs (same IoU; `pip install cityscapesscripts` for the official evaluation with iIoU)"
-    )
-    return SemSegEvaluator(dataset_name, distributed=distributed, output_dir=output_dir,
-                           sem_seg_loading_fn=read_label_map)
 
 
 def register_all_cityscapes() -> None:

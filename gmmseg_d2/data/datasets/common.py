@@ -18,6 +18,7 @@ is swapped for the checked one, which ends in the same Detectron2 function.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ import numpy as np
 from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from ...utils.io import read_label_map
 
 __all__ = [
     "DatasetNotReadyError",
@@ -45,6 +48,7 @@ __all__ = [
     "run_jobs",
     "convert_label_files",
     "lookup_table",
+    "prepare_argument_parser",
 ]
 
 logger = logging.getLogger(__name__)
@@ -162,11 +166,8 @@ def load_image_label_pairs(
 
 
 def read_label_png(path: str) -> np.ndarray:
-    """An ``(H, W)`` label PNG as uint8 (a copy, safe with numpy 2)."""
-    with Image.open(path) as image:
-        if image.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(f"{path}: expected a single-channel label PNG, got mode {image.mode!r}")
-        array = np.array(image)
+    """An ``(H, W)`` label PNG as uint8 (:func:`~gmmseg_d2.utils.io.read_label_map`, range-checked)."""
+    array = read_label_map(path)
     if array.max(initial=0) > 255 or array.min(initial=0) < 0:
         raise ValueError(f"{path}: label values outside 0..255 (min {array.min()}, max {array.max()})")
     return array.astype(np.uint8)
@@ -223,6 +224,19 @@ def convert_label_files(
         return 1
 
     return sum(run_jobs(list(pairs), work, num_workers))
+
+
+def prepare_argument_parser(description: str, *, force: bool = False) -> argparse.ArgumentParser:
+    """The options every ``datasets/prepare_*.py`` script shares: ``--root``, ``--num-workers`` (and ``--force``).
+
+    The script adds its own options to the returned parser.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=None, help="datasets root (default: $DETECTRON2_DATASETS or ./datasets)")
+    if force:
+        parser.add_argument("--force", action="store_true", help="rewrite existing outputs")
+    parser.add_argument("--num-workers", type=int, default=None, help="threads (default: all cores)")
+    return parser
 
 
 def lookup_table(mapping: Dict[int, int], default: int = 255) -> np.ndarray:

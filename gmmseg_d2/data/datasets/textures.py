@@ -1,6 +1,11 @@
 """The procedural "textures" benchmark: learnable, controllable open-world
 segmentation scenes generated from parametric texture families.
 
+(Long on purpose: the declarative class table, the renderer, the writer and
+the registration share one parameter set and one ``GENERATOR_VERSION``, which
+fixes the bytes on disk; the table and its disjointness check read best next
+to the renderer that interprets them.)
+
 A scene partitions a square canvas (default 64x64) into 2-4 large regions
 (a Voronoi tessellation with straight or mildly wavy edges, sometimes with a
 pasted blob/polygon on top). Every region is filled with a *stationary*
@@ -45,7 +50,6 @@ import functools
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import shutil
 import time
@@ -56,9 +60,9 @@ import cv2
 import numpy as np
 
 from .common import DatasetNotReadyError, datasets_root, refresh_metadata, register_checked
-from .mosaic import (
+from .mosaic import _chunks, _replace_dir, _starmap, read_manifest
+from .mosaic_generator import (
     MOSAIC_ANOMALY_SOURCES,
-    _chunks,
     _random_shape,
     _render_texture,
     _smooth_noise,
@@ -700,11 +704,7 @@ def generate_textures_dataset(
             for split in TEXTURES_SPLITS
             for chunk in _chunks(params.count(split), max(1, num_workers) * 4)
         ]
-        if num_workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-            results = [_write_scenes(*job) for job in jobs]
-        else:  # fork: workers inherit the loaded photos (see mosaic.py)
-            with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-                results = pool.starmap(_write_scenes, jobs)
+        results = _starmap(_write_scenes, jobs, num_workers)  # forked workers inherit the loaded photos
         seconds = time.perf_counter() - start
         _write_manifest(staging, params, jobs, results, seconds, total)
         _replace_dir(staging, final_dir)
@@ -745,24 +745,9 @@ def _write_manifest(dataset_dir: str, params: TexturesParams, jobs, results, sec
         json.dump(manifest, f, sort_keys=True)
 
 
-def _replace_dir(new_dir: str, final_dir: str) -> None:
-    old_dir = None
-    if os.path.lexists(final_dir):
-        old_dir = os.path.join(os.path.dirname(final_dir), f".textures-old-{os.getpid()}")
-        shutil.rmtree(old_dir, ignore_errors=True)
-        os.rename(final_dir, old_dir)
-    os.rename(new_dir, final_dir)
-    if old_dir is not None:
-        shutil.rmtree(old_dir, ignore_errors=True)
-
-
 def read_textures_manifest(dataset_dir: str) -> Optional[dict]:
     """The manifest of a textures folder, or None if absent or unreadable."""
-    try:
-        with open(os.path.join(dataset_dir, MANIFEST_NAME)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return read_manifest(dataset_dir)
 
 
 def _missing_files(dataset_dir: str, manifest: dict, splits: Sequence[str]) -> list[str]:

@@ -1,5 +1,8 @@
 """Swin Transformer (Liu et al., ICCV 2021) as a Detectron2 backbone.
 
+(Long on purpose: one port of one upstream file, kept in its layout so that the
+module tree and parameter names match its checkpoints.)
+
 The module tree, parameter names and shapes, and the order of operations are
 those of Mask2Former's ``D2SwinTransformer`` (itself the Swin variant of
 Swin-Transformer-Semantic-Segmentation), so that

@@ -1,4 +1,4 @@
-from .deeplab_head import GMMSegDeepLabV3PlusHead
+from .deeplab_head import DeepLabV3PlusClassifierHead, GMMSegDeepLabV3PlusHead
 from .fcn_head import FCNHead
 from .pixel_classifier import (
     PIXEL_CLASSIFIERS, build_pixel_classifier, classify_feature_map, gmm_em_loss,
@@ -6,6 +6,7 @@ from .pixel_classifier import (
 )
 
 __all__ = [
-    "FCNHead", "GMMSegDeepLabV3PlusHead", "PIXEL_CLASSIFIERS", "build_pixel_classifier",
+    "DeepLabV3PlusClassifierHead", "FCNHead", "GMMSegDeepLabV3PlusHead", "PIXEL_CLASSIFIERS",
+    "build_pixel_classifier",
     "classify_feature_map", "gmm_em_loss", "gmm_kwargs_from_config", "pixel_anomaly_score",
 ]

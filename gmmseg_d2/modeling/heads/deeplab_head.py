@@ -34,12 +34,11 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.projects.deeplab.loss import DeepLabCE
 from detectron2.projects.deeplab.semantic_seg import DeepLabV3PlusHead
 
-from ..anomaly import SOFTMAX_ANOMALY_SCORES
 from .pixel_classifier import (
-    PIXEL_CLASSIFIERS, PixelClassifierHeadMixin, build_pixel_classifier, gmm_kwargs_from_config,
+    PixelClassifierHeadMixin, build_pixel_classifier, check_pixel_head_settings, gmm_kwargs_from_config,
 )
 
-__all__ = ["GMMSegDeepLabV3PlusHead", "ASPP_POOLING_MODES", "DEEPLAB_LOSS_TYPES"]
+__all__ = ["DeepLabV3PlusClassifierHead", "GMMSegDeepLabV3PlusHead", "ASPP_POOLING_MODES", "DEEPLAB_LOSS_TYPES"]
 
 #: Values of ``MODEL.SEM_SEG_HEAD.ASPP_POOLING``.
 ASPP_POOLING_MODES = ("global", "crop")
@@ -48,8 +47,12 @@ DEEPLAB_LOSS_TYPES = ("cross_entropy", "hard_pixel_mining")
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class GMMSegDeepLabV3PlusHead(PixelClassifierHeadMixin, DeepLabV3PlusHead):
+class DeepLabV3PlusClassifierHead(PixelClassifierHeadMixin, DeepLabV3PlusHead):
     """DeepLabV3+ decoder (Detectron2's) + softmax or GMM classifier.
+
+    Registered as ``DeepLabV3PlusClassifierHead`` (Detectron2's own head holds
+    the name ``DeepLabV3PlusHead``) and, for configs and checkpoints written
+    before the rename, under its former name ``GMMSegDeepLabV3PlusHead``.
 
     Same contract as :class:`FCNHead`: training returns ``(None, losses)``
     with ``"loss_sem_seg"`` (and ``"loss_gmm_component"`` for the GMM);
@@ -114,12 +117,7 @@ class GMMSegDeepLabV3PlusHead(PixelClassifierHeadMixin, DeepLabV3PlusHead):
             input_shape = {f: input_shape[f] for f in in_features}
         if len(input_shape) < 1:
             raise ValueError(f"{type(self).__name__} needs at least one input feature")
-        if classifier not in PIXEL_CLASSIFIERS:
-            raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.CLASSIFIER {classifier!r}; "
-                             f"choose one of {PIXEL_CLASSIFIERS}")
-        if anomaly_score not in SOFTMAX_ANOMALY_SCORES:
-            raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.ANOMALY_SCORE {anomaly_score!r}; "
-                             f"choose one of {SOFTMAX_ANOMALY_SCORES}")
+        check_pixel_head_settings(classifier, anomaly_score)
         if aspp_pooling not in ASPP_POOLING_MODES:
             raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.ASPP_POOLING {aspp_pooling!r}; "
                              f"choose one of {ASPP_POOLING_MODES}")
@@ -152,7 +150,6 @@ class GMMSegDeepLabV3PlusHead(PixelClassifierHeadMixin, DeepLabV3PlusHead):
             use_depthwise_separable_conv=use_depthwise_separable_conv,
         )
         self.num_classes = num_classes
-        self.classifier_name = classifier
         self.anomaly_score_method = anomaly_score
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         gmm_kwargs = {"ignore_value": ignore_value, **(gmm_kwargs or {})}
@@ -216,3 +213,10 @@ class GMMSegDeepLabV3PlusHead(PixelClassifierHeadMixin, DeepLabV3PlusHead):
         predictions = F.interpolate(predictions.float(), size=targets.shape[-2:], mode="bilinear",
                                     align_corners=False)
         return {"loss_sem_seg": self.loss(predictions, targets) * self.loss_weight}
+
+
+#: Former name (configs' ``MODEL.SEM_SEG_HEAD.NAME: "GMMSegDeepLabV3PlusHead"``):
+#: the same class, registered under both names.
+GMMSegDeepLabV3PlusHead = DeepLabV3PlusClassifierHead
+# fvcore's Registry.register() takes the name from __name__; the alias needs _do_register.
+SEM_SEG_HEADS_REGISTRY._do_register("GMMSegDeepLabV3PlusHead", DeepLabV3PlusClassifierHead)

@@ -15,9 +15,8 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
-from ..anomaly import SOFTMAX_ANOMALY_SCORES
 from .pixel_classifier import (
-    PIXEL_CLASSIFIERS, PixelClassifierHeadMixin, build_pixel_classifier, gmm_kwargs_from_config,
+    PixelClassifierHeadMixin, build_pixel_classifier, check_pixel_head_settings, gmm_kwargs_from_config,
 )
 
 __all__ = ["FCNHead"]
@@ -83,18 +82,12 @@ class FCNHead(PixelClassifierHeadMixin, nn.Module):
         if in_feature not in input_shape:
             raise ValueError(f"FCNHead input feature {in_feature!r} is not a backbone output; "
                              f"available: {sorted(input_shape)}")
-        if classifier not in PIXEL_CLASSIFIERS:
-            raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.CLASSIFIER {classifier!r}; "
-                             f"choose one of {PIXEL_CLASSIFIERS}")
-        if anomaly_score not in SOFTMAX_ANOMALY_SCORES:
-            raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.ANOMALY_SCORE {anomaly_score!r}; "
-                             f"choose one of {SOFTMAX_ANOMALY_SCORES}")
+        check_pixel_head_settings(classifier, anomaly_score)
         self.in_feature = in_feature
         self.num_classes = num_classes
         self.ignore_value = ignore_value
         self.loss_weight = loss_weight
         self.anomaly_score_method = anomaly_score
-        self.classifier_name = classifier
 
         in_channels = input_shape[in_feature].channels
         self.output_stride = input_shape[in_feature].stride

@@ -20,17 +20,27 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..anomaly import softmax_anomaly_score
+from ..anomaly import SOFTMAX_ANOMALY_SCORES, softmax_anomaly_score
 from ..gmm import GaussianMixtureClassifier, GMMClassifierOutput
 
 __all__ = [
-    "PIXEL_CLASSIFIERS", "PixelClassifierHeadMixin", "build_pixel_classifier",
+    "PIXEL_CLASSIFIERS", "PixelClassifierHeadMixin", "build_pixel_classifier", "check_pixel_head_settings",
     "gmm_kwargs_from_config", "classify_feature_map", "gmm_em_loss",
     "pixel_anomaly_score",
 ]
 
 #: Values of ``MODEL.SEM_SEG_HEAD.CLASSIFIER``.
 PIXEL_CLASSIFIERS = ("softmax", "gmm")
+
+
+def check_pixel_head_settings(classifier: str, anomaly_score: str) -> None:
+    """Raise for an unknown ``MODEL.SEM_SEG_HEAD.CLASSIFIER`` or ``ANOMALY_SCORE`` (shared by the heads)."""
+    if classifier not in PIXEL_CLASSIFIERS:
+        raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.CLASSIFIER {classifier!r}; "
+                         f"choose one of {PIXEL_CLASSIFIERS}")
+    if anomaly_score not in SOFTMAX_ANOMALY_SCORES:
+        raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.ANOMALY_SCORE {anomaly_score!r}; "
+                         f"choose one of {SOFTMAX_ANOMALY_SCORES}")
 
 
 def gmm_kwargs_from_config(cfg) -> Dict:

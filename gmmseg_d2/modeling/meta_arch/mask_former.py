@@ -23,7 +23,11 @@ from ..anomaly import (
     mask_density_anomaly_score,
 )
 from ..gmm_mask_classification import build_mask_classification_criterion
-from .per_pixel_segmentor import blend_sliding_windows, validated_sliding_window_settings
+from ..sliding_window import (
+    blend_sliding_windows,
+    sliding_window_args_from_config,
+    validated_sliding_window_settings,
+)
 
 __all__ = ["MaskFormer"]
 
@@ -142,7 +146,6 @@ class MaskFormer(nn.Module):
             raise ValueError(f"MODEL.MASK_FORMER.TEST.ANOMALY_SCORE {test.ANOMALY_SCORE!r} needs the GMM class "
                              "head (MODEL.MASK_FORMER.CLASSIFIER 'gmm')")
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
-        window = cfg.TEST.SLIDING_WINDOW
         return {
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
@@ -162,12 +165,7 @@ class MaskFormer(nn.Module):
             "panoptic_on": test.PANOPTIC_ON,
             "instance_on": test.INSTANCE_ON,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "sliding_window": window.ENABLED,
-            "window_size": tuple(window.WINDOW),
-            "window_stride": tuple(window.STRIDE),
-            "window_blending": window.BLENDING,
-            "gaussian_sigma": window.GAUSSIAN_SIGMA,
-            "windows_per_batch": window.WINDOWS_PER_BATCH,
+            **sliding_window_args_from_config(cfg),
         }
 
     @property
@@ -253,7 +251,7 @@ class MaskFormer(nn.Module):
 
         Returns ``{"sem_seg": (C, H, W), "anomaly_score": (H, W)}`` (float32) at
         the image's size; windows are placed and blended by
-        :func:`~.per_pixel_segmentor.blend_sliding_windows`. Each window
+        :func:`~gmmseg_d2.modeling.sliding_window.blend_sliding_windows`. Each window
         ``(3, h, w)`` goes through backbone and ``sem_seg_head`` (padded to
         ``size_divisibility`` like a batch) and :meth:`semantic_inference` turns
         its queries into ``(C, h, w)`` scores and an ``(h, w)`` anomaly map

@@ -2,8 +2,16 @@
 
 Importing this package registers ``MSDeformAttnPixelDecoder`` in Detectron2's
 ``SEM_SEG_HEADS_REGISTRY``.
+
+* :mod:`.deformable_attention_op`: the multi-scale deformable attention op
+  (``MSDeformAttn``, its backends); formerly ``ms_deform_attn.py``, which
+  still imports (an alias of the new module).
+* :mod:`.msdeformattn`: Mask2Former's pixel decoder, under Mask2Former's file name.
 """
-from .ms_deform_attn import (
+import sys
+
+from . import deformable_attention_op
+from .deformable_attention_op import (
     MSDeformAttn,
     available_ms_deform_attn_backends,
     get_ms_deform_attn_backend,
@@ -17,6 +25,9 @@ from .msdeformattn import (
     MSDeformAttnTransformerEncoderOnly,
     build_pixel_decoder,
 )
+
+# The op module's former name, next to msdeformattn.py; kept importable as an alias.
+sys.modules.setdefault(f"{__name__}.ms_deform_attn", deformable_attention_op)
 
 __all__ = [
     "MSDeformAttn",

@@ -30,7 +30,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
-from .ms_deform_attn import MSDeformAttn
+from .deformable_attention_op import MSDeformAttn
 
 __all__ = [
     "MSDeformAttnPixelDecoder",

@@ -1,5 +1,8 @@
 """Mask2Former's multi-scale masked-attention transformer decoder.
 
+(Long on purpose: one port of one upstream file, kept in its layout so that the
+module tree and parameter names match Mask2Former's checkpoints.)
+
 ``Q`` learnable queries are refined by ``L`` decoder layers. Layer ``i``
 cross-attends to feature level ``i mod 3`` of the pixel decoder (coarsest
 first), restricted by *masked attention* to the foreground of the mask the

@@ -73,14 +73,31 @@ def available_ms_deform_attn_backends() -> List[str]:
     return sorted(_BACKENDS)
 
 
+#: The optional fused-kernel backend and the package that provides it.
+FUSED_BACKEND, FUSED_PACKAGE = "torch_ms_deform_attn", "torch-ms-deform-attn"
+
+
+def _unavailable_backend_error(name: str) -> KeyError:
+    """The error for a backend name that is not registered: what happened and what to do."""
+    message = (f"The multi-scale deformable attention backend {name!r} is not available in this environment "
+               f"(available: {available_ms_deform_attn_backends()}). ")
+    if name == FUSED_BACKEND:
+        message += (f"It is the optional fused CUDA kernel, registered only when the {FUSED_PACKAGE!r} package "
+                    f"is installed (it is compiled against the local torch and CUDA when installed): install it "
+                    f"with `.venv/bin/pip install --no-build-isolation {FUSED_PACKAGE}`, or do not select it and "
+                    f"keep the default backend 'pytorch', which needs no compiled op, runs on CPU and GPU and gives "
+                    f"the same results.")
+    else:
+        message += ("Register it first with register_ms_deform_attn_backend(name, fn), or use the default "
+                    "backend 'pytorch'.")
+    return KeyError(message)
+
+
 def set_ms_deform_attn_backend(name: str) -> None:
     """Make ``name`` the backend used when a call does not pick one."""
     global _DEFAULT_BACKEND
     if name not in _BACKENDS:
-        raise KeyError(
-            f"Unknown multi-scale deformable attention backend {name!r}; "
-            f"registered: {available_ms_deform_attn_backends()}. Register it first."
-        )
+        raise _unavailable_backend_error(name)
     _DEFAULT_BACKEND = name
 
 
@@ -114,8 +131,8 @@ def ms_deform_attn_pytorch(
     value_per_level = value.split([h * w for h, w in sizes], dim=1)
     # grid_sample's grid lives in [-1, 1] with align_corners=False corners.
     # Level-major, contiguous copies of grids and weights (one copy each, not
-    # one per level): broadcasting against strided per-level slices made a
-    # CPU forward+backward at ADE20K shapes ~25% slower in our measurements.
+    # one per level): broadcasting against strided per-level slices is slower
+    # on CPU (measured in BENCHMARKS.md, deformable attention).
     grids = rearrange(2 * sampling_locations - 1, "n q m l p xy -> l (n m) q p xy").contiguous()
     weights = rearrange(attention_weights, "n q m l p -> l (n m) 1 q p").contiguous()
     output = None
@@ -142,7 +159,16 @@ def _register_optional_fused_kernels() -> None:
         return
 
     def _fused(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        from torch_ms_deform_attn import ms_deform_attn
+        try:
+            from torch_ms_deform_attn import ms_deform_attn
+        except (ImportError, OSError) as e:  # e.g. built for another torch: undefined symbols
+            raise RuntimeError(
+                f"The {FUSED_BACKEND!r} deformable attention backend is selected, but the installed "
+                f"{FUSED_PACKAGE!r} package cannot load its compiled op ({type(e).__name__}: {e}); it was most "
+                f"likely built for another torch or CUDA version. Rebuild it for this environment "
+                f"(`.venv/bin/pip install --force-reinstall --no-build-isolation {FUSED_PACKAGE}`), or switch "
+                f"back to the default, which needs no compiled op: set_ms_deform_attn_backend('pytorch')."
+            ) from e
 
         if level_start_index is None:
             level_start_index = torch.cat(
@@ -215,10 +241,7 @@ def multi_scale_deformable_attention(
         )
     name = _DEFAULT_BACKEND if backend is None else backend
     if name not in _BACKENDS:
-        raise KeyError(
-            f"Unknown multi-scale deformable attention backend {name!r}; "
-            f"registered: {available_ms_deform_attn_backends()}."
-        )
+        raise _unavailable_backend_error(name)
     return _BACKENDS[name](value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
