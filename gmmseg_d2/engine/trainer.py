@@ -23,12 +23,14 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import add_gmmseg_config
 from ..data.dataset_mappers import MaskFormerSemanticDatasetMapper, PerPixelSemanticDatasetMapper
-from ..data.datasets.cityscapes import build_cityscapes_sem_seg_evaluator
-from ..evaluation import AnomalyEvaluator
+from ..data.datasets.folder import configure_folder_dataset
+from ..evaluation import AnomalyEvaluator, build_cityscapes_sem_seg_evaluator
 from ..solver import build_lr_scheduler, build_optimizer
 from ..utils import read_label_map
-from .checkpointer import AtomicDetectionCheckpointer, atomic_write_bytes
-from .resumable import IterationSeedHook, ResumableTrainingStream, find_stream
+from .checkpointer import AtomicDetectionCheckpointer, atomic_write_bytes, remove_orphan_temporaries
+from ..data.samplers import WEIGHTED_SAMPLERS, build_weighted_training_stream
+from ..data.training_stream import ResumableTrainingStream, find_stream
+from .resumable import IterationSeedHook
 
 __all__ = ["Trainer", "setup_cfg", "training_seed", "write_eval_results"]
 
@@ -46,6 +48,9 @@ def setup_cfg(args, *, default_setup_logging: bool = True) -> CfgNode:
     if args.config_file:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    # DATASETS.FOLDER: register the folder's splits and point DATASETS.TRAIN/TEST
+    # and NUM_CLASSES at them, before any loader is built (in every process).
+    configure_folder_dataset(cfg)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
@@ -58,6 +63,8 @@ def setup_cfg(args, *, default_setup_logging: bool = True) -> CfgNode:
 def write_eval_results(results: Dict, output_dir: str) -> str:
     """Write ``{dataset: {task: {metric: value}}}`` to ``output_dir/eval_results.json``."""
     os.makedirs(output_dir, exist_ok=True)
+    # What an evaluation killed mid-write left behind (see atomic_write_bytes).
+    remove_orphan_temporaries(output_dir, (EVAL_RESULTS_FILE,))
     path = os.path.join(output_dir, EVAL_RESULTS_FILE)
     text = json.dumps(results, indent=2, sort_keys=False, default=float)
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
@@ -176,9 +183,6 @@ class Trainer(DefaultTrainer):
             raise ValueError(f"Unknown INPUT.DATASET_MAPPER_NAME {cfg.INPUT.DATASET_MAPPER_NAME!r}; "
                              f"available: {sorted(mappers)}")
         mapper = mappers[cfg.INPUT.DATASET_MAPPER_NAME](cfg, True)
-        # Imported here: gmmseg_d2.data.samplers builds on this package's resumable stream.
-        from ..data.samplers import WEIGHTED_SAMPLERS, build_weighted_training_stream
-
         if cfg.DATALOADER.SAMPLER_TRAIN not in ("TrainingSampler",) + WEIGHTED_SAMPLERS:
             logging.getLogger(__name__).warning(
                 f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN!r}: using Detectron2's train "

@@ -8,6 +8,7 @@ from . import textures  # noqa: F401  (registers textures_sem_seg_*, textures_an
 from . import ade20k, anomaly, cityscapes, coco_stuff  # noqa: F401  (real datasets, lazily checked)
 from .anomaly import ANOMALY_DATASETS
 from .common import DatasetNotReadyError
+from .folder import FolderDatasetError, register_sem_seg_folder, register_sem_seg_folder_splits  # noqa: F401  (your own data)
 from .mosaic import (
     MOSAIC_CLASSES,
     MOSAIC_COLORS,
