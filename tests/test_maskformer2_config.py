@@ -90,7 +90,7 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-def test_add_maskformer2_config_has_exactly_the_official_keys_and_defaults():
+def test_add_maskformer2_config_has_the_official_keys_and_defaults_and_ours():
     # Mask2Former's train_net.py: add_deeplab_config, then add_maskformer2_config.
     base = get_cfg()
     add_deeplab_config(base)
@@ -100,11 +100,20 @@ def test_add_maskformer2_config_has_exactly_the_official_keys_and_defaults():
     for key, value in OFFICIAL_MASKFORMER2_DEFAULTS.items():
         assert key in flat, key
         assert _same(flat[key], value), (key, flat[key], value)
-    # Nothing beyond the official keys.
-    added = set(flat) - set(flat_base)
-    assert added <= set(OFFICIAL_MASKFORMER2_DEFAULTS), sorted(added - set(OFFICIAL_MASKFORMER2_DEFAULTS))
-    changed = {k for k in flat_base if flat[k] != flat_base[k]}
+    # No default of Detectron2 or its DeepLab project changes, except those
+    # the official function sets itself.
+    changed = {k for k in flat_base if not _same(flat[k], flat_base[k])}
     assert changed <= set(OFFICIAL_MASKFORMER2_DEFAULTS), changed
+    # Beyond the official keys, exactly gmmseg_d2's: the config is
+    # add_gmmseg_config's, key for key and value for value (with or without
+    # the DeepLab keys added first).
+    ours = get_cfg()
+    add_gmmseg_config(ours)
+    alone = get_cfg()
+    add_maskformer2_config(alone)
+    assert _flatten(ours) == flat == _flatten(alone)
+    assert {"MODEL.MASK_FORMER.TEST.ANOMALY_SCORE", "MODEL.MASK_FORMER.CLASSIFIER", "MODEL.GMM.EMBED_DIM",
+            "TEST.SLIDING_WINDOW.ENABLED"} <= set(flat) - set(OFFICIAL_MASKFORMER2_DEFAULTS) - set(flat_base)
 
 
 def test_add_gmmseg_config_keeps_the_official_defaults():
@@ -288,6 +297,12 @@ def test_official_style_swin_yaml_builds_the_backbone(official_style_configs, on
 
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*", "*.yaml")))
+#: Every shipped config, the paper-scale ones under */semantic-segmentation/ included.
+ALL_CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yaml"), recursive=True))
+#: The CPU-sized configs (ResNet-18 at 64-128 px), small enough to build each in well under a second.
+SMALL_CONFIGS = [p for p in ALL_CONFIGS
+                 if os.path.basename(os.path.dirname(p)) in ("mosaic", "textures")
+                 and not os.path.basename(p).startswith("Base-")]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, REPO_ROOT) for p in CONFIGS])
@@ -295,3 +310,53 @@ def test_repository_configs_load_and_per_pixel_ones_pick_their_mapper(path):
     cfg = _setup(path)
     if cfg.MODEL.META_ARCHITECTURE == "PerPixelSegmentor":
         assert cfg.INPUT.DATASET_MAPPER_NAME == "per_pixel_semantic", path
+
+
+def _mask2former_recipe_cfg(path: str, *opts) -> CfgNode:
+    """The config a script written for Mask2Former builds: get_cfg, the DeepLab
+    keys, add_maskformer2_config, then the YAML file; no gmmseg_d2 call besides."""
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    add_maskformer2_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def test_config_lists_cover_both_meta_architectures():
+    assert len(ALL_CONFIGS) > len(CONFIGS) > len(SMALL_CONFIGS) >= 12
+    archs = {_mask2former_recipe_cfg(p).MODEL.META_ARCHITECTURE for p in SMALL_CONFIGS}
+    assert archs == {"MaskFormer", "PerPixelSegmentor"}
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=[os.path.relpath(p, REPO_ROOT) for p in ALL_CONFIGS])
+def test_every_config_merges_with_add_maskformer2_config_alone(path):
+    alone = get_cfg()
+    add_maskformer2_config(alone)  # no add_deeplab_config, no add_gmmseg_config
+    alone.merge_from_file(path)  # a key it lacked would raise KeyError here
+    ours = get_cfg()
+    add_gmmseg_config(ours)
+    ours.merge_from_file(path)
+    flat = _flatten(alone)
+    assert flat == _flatten(ours), path
+    # The YAML's own values arrived, not just the defaults.
+    defaults = get_cfg()
+    add_maskformer2_config(defaults)
+    assert flat != _flatten(defaults), path
+
+
+@pytest.mark.parametrize("path", SMALL_CONFIGS, ids=[os.path.relpath(p, REPO_ROOT) for p in SMALL_CONFIGS])
+def test_mask2former_recipe_builds_the_same_model_as_setup_cfg(path):
+    from detectron2.modeling import build_model
+
+    import gmmseg_d2.modeling  # noqa: F401  (registers MaskFormer, PerPixelSegmentor, ...)
+
+    model = build_model(_mask2former_recipe_cfg(path, "MODEL.DEVICE", "cpu"))
+    reference = build_model(_setup(path, "MODEL.DEVICE", "cpu"))
+    assert type(model) is type(reference)
+    assert type(model).__name__ in ("MaskFormer", "PerPixelSegmentor")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    # The class head the YAML asks for: the GMM classifier exactly in the gmm configs.
+    heads = {type(m).__name__ for m in model.modules() if "GaussianMixtureClassifier" in type(m).__name__}
+    assert bool(heads) == ("gmm" in os.path.basename(path)), (path, heads)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gmmseg_d2.modeling.pixel_decoder import ms_deform_attn as ms_deform_attn_module
-from gmmseg_d2.modeling.pixel_decoder.ms_deform_attn import (
+from gmmseg_d2.modeling.pixel_decoder.deformable_attention_op import (
     MSDeformAttn,
     available_ms_deform_attn_backends,
     get_ms_deform_attn_backend,
@@ -270,3 +270,30 @@ def test_optional_fused_backend_agrees_when_installed(one_torch_thread):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     for got, want in zip(torch.autograd.grad(out.sum(), ins), torch.autograd.grad(ref.sum(), ref_ins)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_unavailable_fused_backend_says_what_happened_and_what_to_do(monkeypatch):
+    import importlib.util
+    import sys
+    import types
+
+    value, shapes, starts, loc, weights = _random_inputs(dtype=torch.float32)
+    if "torch_ms_deform_attn" not in available_ms_deform_attn_backends():
+        with pytest.raises(KeyError, match=r"optional fused CUDA kernel.*pip install.*torch-ms-deform-attn.*'pytorch'"):
+            set_ms_deform_attn_backend("torch_ms_deform_attn")
+    with pytest.raises(KeyError, match=r"'no-such-kernel' is not available.*register_ms_deform_attn_backend"):
+        set_ms_deform_attn_backend("no-such-kernel")
+    # Installed but unloadable (built for another torch): a RuntimeError naming the fix, at the first call.
+    backends = dict(ms_deform_attn_module._BACKENDS)
+    monkeypatch.setitem(sys.modules, "torch_ms_deform_attn", types.ModuleType("torch_ms_deform_attn"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "torch_ms_deform_attn" else real_find_spec(name, *a))
+    try:
+        ms_deform_attn_module._BACKENDS.pop("torch_ms_deform_attn", None)
+        ms_deform_attn_module._register_optional_fused_kernels()
+        with pytest.raises(RuntimeError, match=r"cannot load its compiled op.*--force-reinstall.*'pytorch'"):
+            multi_scale_deformable_attention(value, shapes, starts, loc, weights, backend="torch_ms_deform_attn")
+    finally:
+        ms_deform_attn_module._BACKENDS.clear()
+        ms_deform_attn_module._BACKENDS.update(backends)

@@ -1,24 +1,84 @@
-"""A DetectionCheckpointer whose files are never left half-written."""
+"""A DetectionCheckpointer whose files are never left half-written.
+
+Files are written to a temporary file beside the target and renamed over it.
+The temporary is named ``.<target name>.<host>.<pid>.<8 hex>.tmp``, so that a
+writer killed mid-write (``kill -9``, out of memory) leaves an orphan whose
+writer can be identified: :func:`remove_orphan_temporaries` deletes those of
+dead writers on this host, and :class:`AtomicDetectionCheckpointer` calls it on
+its ``save_dir`` when it is created.
+"""
+import errno
+import fnmatch
+import logging
 import os
-import tempfile
+import re
+import secrets
+import socket
+import stat
+from typing import BinaryIO, Callable, List, Sequence
 
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["AtomicDetectionCheckpointer", "atomic_write_bytes"]
+__all__ = ["AtomicDetectionCheckpointer", "atomic_write_bytes", "remove_orphan_temporaries"]
+
+#: ``.<target>.<host>.<pid>.<token>.tmp``; ``<host>`` is :func:`_host_tag`.
+_TEMPORARY_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}\.tmp$")
 
 
-def atomic_write_bytes(path: str, write_fn) -> None:
+def _host_tag() -> str:
+    """This machine's name, reduced to ``[A-Za-z0-9-]`` (run directories may be on a shared file system)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "localhost"
+
+
+def _temporary_name(target_basename: str) -> str:
+    return f".{target_basename}.{_host_tag()}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def _process_is_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (kept on the safe side: unsure means alive)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by another user
+        return True
+    return True
+
+
+def atomic_write_bytes(path: str, write_fn: Callable[[BinaryIO], object]) -> None:
     """Call ``write_fn(file)`` on a temporary file beside ``path``, then rename it.
 
     ``os.replace`` is atomic on POSIX, so a crash leaves either the old file
-    or the complete new one, never a truncated one.
+    or the complete new one, never a truncated one (at worst an orphan
+    temporary, see :func:`remove_orphan_temporaries`).
+
+    The file gets the permissions ``open(path, "w")`` would give it: those of
+    the file it replaces, else ``0o666`` less the process umask (``0o644``
+    under umask 022, ``0o640`` under 027), so that a group sharing a run
+    directory can read checkpoints and ``eval_results.json``.
+    (``tempfile.mkstemp`` would make them ``0o600``.) The temporary is created
+    with ``os.open(..., 0o666)``, which lets the kernel apply the umask (and a
+    directory's default ACL) as it does for ``open``; the process-global umask
+    is never read or changed.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+    while True:
+        tmp_path = os.path.join(directory, _temporary_name(os.path.basename(path)))
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            break
+        except FileExistsError:  # a 32-bit token collision: draw another
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
+            try:  # keep the mode of the file being replaced, as open(path, "w") does
+                os.fchmod(f.fileno(), stat.S_IMODE(os.stat(path).st_mode))
+            except FileNotFoundError:
+                pass
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
@@ -29,6 +89,39 @@ def atomic_write_bytes(path: str, write_fn) -> None:
         raise
 
 
+def remove_orphan_temporaries(directory: str, target_patterns: Sequence[str] = ("*",)) -> List[str]:
+    """Delete the temporaries :func:`atomic_write_bytes` left in ``directory`` when its writer died.
+
+    Only files named as it names them are considered, whose target name
+    matches one of ``target_patterns`` (``fnmatch``), written on this host by
+    a process that no longer exists. A live writer's temporary (this process's
+    included) is never touched, nor anything on another host, nor any other
+    file. Returns the paths removed.
+    """
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    host, removed = _host_tag(), []
+    for name in names:
+        match = _TEMPORARY_NAME.match(name)
+        if match is None or match["host"] != host:
+            continue
+        if not any(fnmatch.fnmatchcase(match["target"], pattern) for pattern in target_patterns):
+            continue
+        if _process_is_alive(int(match["pid"])):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            os.remove(path)
+        except OSError as e:  # another process cleaned it first, or it is not ours to delete
+            if e.errno != errno.ENOENT:
+                logging.getLogger(__name__).warning(f"Could not remove the orphan temporary {path}: {e}")
+            continue
+        removed.append(path)
+    return removed
+
+
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
     """:class:`DetectionCheckpointer` with atomic writes for local directories.
 
@@ -37,6 +130,17 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
     the previous complete checkpoint. Remote ``save_dir`` URIs fall back to
     the parent's behaviour.
     """
+
+    #: Names of the files it writes in ``save_dir``, whose orphan temporaries it removes.
+    TEMPORARY_TARGETS = ("*.pth", "last_checkpoint")
+
+    def __init__(self, model, save_dir: str = "", **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        # A save killed mid-write (kill -9) left `.model_xxx.pth.<host>.<pid>....tmp`
+        # beside the checkpoints; remove those of dead writers before writing new ones.
+        if self.save_to_disk and self._is_local():
+            for path in remove_orphan_temporaries(self.save_dir, self.TEMPORARY_TARGETS):
+                self.logger.info(f"Removed the orphan temporary {path} of an interrupted save")
 
     def _is_local(self) -> bool:
         return bool(self.save_dir) and "://" not in self.save_dir
