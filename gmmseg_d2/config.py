@@ -1,24 +1,39 @@
 """Every config key gmmseg_d2 adds to Detectron2's defaults, with its default.
 
-Call :func:`add_gmmseg_config` on a fresh ``get_cfg()`` before merging a YAML
+Call :func:`add_gmmseg_config` (or its alias for Mask2Former-style scripts,
+:func:`add_maskformer2_config`) on a fresh ``get_cfg()`` before merging a YAML
 file. Keys that Mask2Former or Detectron2's DeepLab project also define keep
 their names and defaults there, so their YAML files merge unchanged.
 """
 from detectron2.config import CfgNode as CN
 from detectron2.projects.deeplab import add_deeplab_config
 
-__all__ = ["add_gmmseg_config", "add_maskformer2_config"]
+__all__ = ["add_folder_dataset_config", "add_gmmseg_config", "add_maskformer2_config"]
 
 
 def add_maskformer2_config(cfg: CN) -> None:
-    """Add Mask2Former's config keys to ``cfg`` in place.
+    """Add Mask2Former's config keys to ``cfg`` in place, with those gmmseg_d2's models read.
 
-    The keys and defaults are exactly those of the official
-    ``mask2former.config.add_maskformer2_config`` (facebookresearch/Mask2Former),
-    so that its YAML files merge unchanged. It is called by
-    :func:`add_gmmseg_config`; call it directly only to build a config that
-    holds Mask2Former's keys and nothing of gmmseg_d2's.
+    The drop-in for the official ``mask2former.config.add_maskformer2_config``:
+    a script written for Mask2Former (``cfg = get_cfg()``,
+    ``add_deeplab_config(cfg)``, ``add_maskformer2_config(cfg)``, then
+    ``merge_from_file``) loads and builds every config shipped under
+    ``configs/``, MaskFormer and per-pixel alike. Mask2Former's keys keep its
+    names and defaults exactly, so its YAML files merge unchanged; gmmseg_d2's
+    own keys come with them, because our ``MaskFormer`` reads some whatever
+    the YAML says (``MODEL.MASK_FORMER.TEST.ANOMALY_SCORE``, ``CLASSIFIER``,
+    ``GMM_*``, ``MODEL.GMM.*``, ``TEST.SLIDING_WINDOW.*``). It is therefore
+    the same as :func:`add_gmmseg_config` (which also adds Detectron2's DeepLab
+    keys; adding them twice, before any merge, changes nothing). Like the
+    official function, call it on a fresh config, before merging or setting
+    values: it resets the keys it adds to their defaults.
     """
+    add_gmmseg_config(cfg)
+
+
+def _add_official_maskformer2_keys(cfg: CN) -> None:
+    """Add exactly the keys and defaults of the official
+    ``mask2former.config.add_maskformer2_config`` (facebookresearch/Mask2Former)."""
     # ------------------------------------------------------------ data
     # Which dataset mapper the trainer builds for training.
     cfg.INPUT.DATASET_MAPPER_NAME = "mask_former_semantic"
@@ -119,7 +134,7 @@ def add_gmmseg_config(cfg: CN) -> None:
     # order as Mask2Former's train_net.py: DeepLab's keys first, then these.
     # Note the mapper default is Mask2Former's "mask_former_semantic"; the
     # per-pixel configs select "per_pixel_semantic" explicitly.
-    add_maskformer2_config(cfg)
+    _add_official_maskformer2_keys(cfg)
 
     # --------------------------------------------------- mask classification
     # The ``anomaly_score`` output of MaskFormer: "msp", "max_logit",
@@ -265,8 +280,20 @@ def add_gmmseg_config(cfg: CN) -> None:
     # K=32000), on every GPU and in every checkpoint; float16 halves that at a
     # ~1e-3 relative rounding of the stored unit-norm features.
     cfg.MODEL.GMM.MEMORY_DTYPE = "float32"
+    # What the memory keeps of the last MEMORY_SIZE features of a component:
+    # "ring" (the official code: the features themselves, C*M*K*D floats) or
+    # "stats" (the same window as chunk sums of MEMORY_CHUNK_SIZE consecutive
+    # features, S1 and S2, all the M-step reads: 2/MEMORY_CHUNK_SIZE of the
+    # float32 ring, 0.98 instead of 9.8 GB for ADE20K at M 8; exact up to the
+    # oldest chunk straddling the window edge, see
+    # gmmseg_d2.modeling.gmm.memory). Also the Mask2Former query head's. A
+    # ring checkpoint loads into either kind; a stats one only into "stats".
+    cfg.MODEL.GMM.MEMORY_KIND = "ring"
+    # Features per chunk of the "stats" memory; 0: MAX_SAMPLES_PER_COMPONENT,
+    # so that a step at the per-step cap fills exactly one chunk.
+    cfg.MODEL.GMM.MEMORY_CHUNK_SIZE = 0
 
-    # ------------------------------------------- DeepLabV3+ head (GMMSegDeepLabV3PlusHead)
+    # --------------------------------------- DeepLabV3+ head (DeepLabV3PlusClassifierHead)
     # Otherwise it reads Detectron2's DeepLab keys (ASPP_*, PROJECT_CHANNELS,
     # CONVS_DIM, COMMON_STRIDE, USE_DEPTHWISE_SEPARABLE_CONV, LOSS_TYPE) and
     # the shared CLASSIFIER / ANOMALY_SCORE / DROPOUT (dropout before the
@@ -276,10 +303,9 @@ def add_gmmseg_config(cfg: CN) -> None:
     # feature map, which test feature maps must be multiples of).
     cfg.MODEL.SEM_SEG_HEAD.ASPP_POOLING = "global"
 
-    # ------------------------------------------------------------------ test
-    # Which anomaly scores the demo/benchmarks report (in addition to the
-    # model's default ``anomaly_score`` output).
-    cfg.TEST.VISUALIZE = True
+    # TEST.VISUALIZE was never read; the config.yaml that earlier runs dumped
+    # still holds it, so merging one ignores it (with a warning) instead of failing.
+    cfg.register_deprecated_key("TEST.VISUALIZE")
 
     # ---------------------------------------------- sliding-window inference
     # PerPixelSegmentor and MaskFormer at test time: whole-image inference by
@@ -299,3 +325,28 @@ def add_gmmseg_config(cfg: CN) -> None:
     cfg.TEST.SLIDING_WINDOW.GAUSSIAN_SIGMA = 0.125
     # Windows of one image that go through the model together (memory bound).
     cfg.TEST.SLIDING_WINDOW.WINDOWS_PER_BATCH = 8
+
+    add_folder_dataset_config(cfg)
+
+
+def add_folder_dataset_config(cfg: CN) -> None:
+    """Add the ``DATASETS.FOLDER*`` keys (train on your own data) to ``cfg`` in place.
+
+    Applied by ``gmmseg_d2.data.datasets.folder.configure_folder_dataset``,
+    which ``gmmseg_d2.engine.setup_cfg`` calls; see datasets/README.md,
+    "Train on your own data".
+    """
+    # A folder of images/, labels/ and classes.txt|json. Set: its splits are
+    # registered as folder_<folder name>_<split> and replace DATASETS.TRAIN /
+    # TEST, and MODEL.SEM_SEG_HEAD.NUM_CLASSES / IGNORE_VALUE follow its
+    # classes file. "" (default): off.
+    cfg.DATASETS.FOLDER = ""
+    # The split to train on; "": "train", or the folder's only split.
+    cfg.DATASETS.FOLDER_TRAIN_SPLIT = ""
+    # The splits to evaluate on; (): ("val",) when the folder has it, else the
+    # training split (with a warning).
+    cfg.DATASETS.FOLDER_TEST_SPLITS = ()
+    # When every label PNG is read and checked (mode, values, size against its
+    # image): "auto" (at registration up to 1000 images per split, else when
+    # the dataset is first loaded), "eager", "lazy" or "off".
+    cfg.DATASETS.FOLDER_VALIDATE = "auto"

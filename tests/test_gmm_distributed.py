@@ -16,9 +16,11 @@ IN_CHANNELS, NUM_CLASSES, STEPS, WORLD_SIZE = 12, 5, 6, 2
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def build_classifier() -> GaussianMixtureClassifier:
+def build_classifier(memory_kind: str = "ring") -> GaussianMixtureClassifier:
     torch.manual_seed(0)
     return GaussianMixtureClassifier(
+        memory_kind=memory_kind,
+        memory_chunk_size=4,  # stats: chunks span steps and straddle the window edge
         in_channels=IN_CHANNELS,
         num_classes=NUM_CLASSES,
         embed_dim=8,
@@ -43,7 +45,7 @@ def rank_batch(step: int, rank: int):
     return x, labels
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, memory_kind: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -53,7 +55,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         rows = torch.full((rank + 1, 2), float(rank))
         gathered, offset = all_gather_rows(rows)
         assert gathered.tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]] and offset == rank
-        clf = build_classifier()
+        clf = build_classifier(memory_kind)
         losses = []
         for step in range(STEPS):
             x, labels = rank_batch(step, rank)
@@ -75,14 +77,15 @@ def concatenate(outputs):
     ])])
 
 
-def test_two_ranks_match_each_other_and_a_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+@pytest.mark.parametrize("memory_kind", ["ring", "stats"])
+def test_two_ranks_match_each_other_and_a_single_process(tmp_path, memory_kind):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), memory_kind), nprocs=WORLD_SIZE, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
     # One process fed both ranks' batches, concatenated in rank order. The
     # forward runs per rank-sized chunk so its float results are those the
     # ranks computed; the EM sees the concatenation.
-    single = build_classifier()
+    single = build_classifier(memory_kind)
     for step in range(STEPS):
         batches = [rank_batch(step, r) for r in range(WORLD_SIZE)]
         outputs = [single(x) for x, _ in batches]

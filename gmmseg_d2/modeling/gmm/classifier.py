@@ -64,8 +64,11 @@ value of :meth:`~GaussianMixtureClassifier.em_step`, which, without gradient:
 2. Before that, the participating samples of all ranks are all-gathered, so
    every rank runs the same E-step on the same data and ends with the same
    memory and parameters, equal to one process fed the concatenated batch.
-3. The memory (:class:`~.memory.ClassComponentMemory`) takes at most
-   ``max_samples_per_component`` new features per component (evenly spaced).
+3. The memory takes at most ``max_samples_per_component`` new features per
+   component (evenly spaced): by default the official per-sample ring
+   buffer (:class:`~.memory.ClassComponentMemory`), or (``memory_kind=
+   "stats"``) only the chunk sums the M-step reads
+   (:class:`~.memory.ClassComponentStatsMemory`), a tenth of the size.
 4. Every ``update_interval`` steps (counting from step 0, as the official
    code does) the M-step refits the components written since the last one
    (with ``memory_init="random"``, all of them the first time):
@@ -136,7 +139,7 @@ from torch import nn
 
 from .distributed import all_gather_rows
 from .likelihood import diagonal_gaussian_log_likelihood
-from .memory import MEMORY_INITS, ClassComponentMemory
+from .memory import MEMORY_INITS, MEMORY_KINDS, build_class_component_memory
 from .sinkhorn import segmented_sinkhorn_assignment
 
 __all__ = ["EMBEDDINGS", "GaussianMixtureClassifier", "GMMClassifierOutput", "ConvBNReLUProjection"]
@@ -252,7 +255,13 @@ class GaussianMixtureClassifier(nn.Module):
             BatchNorm -> ReLU, :class:`ConvBNReLUProjection`, then LayerNorm ->
             L2) or ``"linear"`` (linear with bias -> LayerNorm -> L2; state-dict
             keys ``projection.weight`` / ``projection.bias``).
-        memory_dtype: storage dtype of the memory (float32 or float16).
+        memory_dtype: storage dtype of the ring memory (float32 or float16).
+        memory_kind: ``"ring"`` (the official per-sample ring buffer,
+            :class:`~.memory.ClassComponentMemory`) or ``"stats"`` (chunk sums
+            of the same window, ~``2 / max_samples_per_component`` of the
+            size; :class:`~.memory.ClassComponentStatsMemory`).
+        memory_chunk_size: features per chunk of the ``"stats"`` memory
+            (``<= 0``: ``max_samples_per_component``).
         ignore_value: label of pixels/queries without a class (255).
     """
 
@@ -281,6 +290,8 @@ class GaussianMixtureClassifier(nn.Module):
         bootstrap_empty_classes: bool = False,
         embedding: str = "conv_bn_relu",
         memory_dtype: torch.dtype = torch.float32,
+        memory_kind: str = "ring",
+        memory_chunk_size: int = 0,
         ignore_value: int = 255,
     ) -> None:
         super().__init__()
@@ -292,6 +303,8 @@ class GaussianMixtureClassifier(nn.Module):
             raise ValueError(f"memory_samples must be 'correct' or 'all', got {memory_samples!r}")
         if memory_init not in MEMORY_INITS:
             raise ValueError(f"memory_init must be one of {MEMORY_INITS}, got {memory_init!r}")
+        if memory_kind not in MEMORY_KINDS:
+            raise ValueError(f"memory_kind must be one of {MEMORY_KINDS}, got {memory_kind!r}")
         if embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
         if update_interval < 1:
@@ -338,9 +351,9 @@ class GaussianMixtureClassifier(nn.Module):
         self.register_buffer("stds", torch.ones(num_classes, num_components, embed_dim))
         # Training steps taken by em_step(update=True); drives the M-step schedule.
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
-        self.memory = ClassComponentMemory(
-            num_classes, num_components, memory_size, embed_dim, max_samples_per_component, memory_dtype,
-            init=memory_init,
+        self.memory = build_class_component_memory(
+            memory_kind, num_classes, num_components, memory_size, embed_dim, max_samples_per_component,
+            memory_dtype, init=memory_init, chunk_size=memory_chunk_size,
         )
 
     @classmethod
@@ -369,6 +382,8 @@ class GaussianMixtureClassifier(nn.Module):
             "bootstrap_empty_classes": gmm.BOOTSTRAP_EMPTY_CLASSES,
             "embedding": gmm.EMBEDDING,
             "memory_dtype": _MEMORY_DTYPES[gmm.MEMORY_DTYPE],
+            "memory_kind": gmm.MEMORY_KIND,
+            "memory_chunk_size": gmm.MEMORY_CHUNK_SIZE,
             "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         }
 
