@@ -169,7 +169,8 @@ def run_em(class_counts: List[int], n: int, memory_size: int, device, rounds: in
             continue
         torch.manual_seed(0)
         clf = GaussianMixtureClassifier(
-            in_channels=DIM, num_classes=num_classes, memory_size=memory_size
+            in_channels=DIM, num_classes=num_classes, memory_size=memory_size,
+            memory_kind="ring",  # the official layout; benchmarks/gmm_memory_scale.py compares both kinds
         ).to(device)
         # A full memory of unit vectors, written class by class to avoid a second copy.
         for c in range(num_classes):

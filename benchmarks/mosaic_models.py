@@ -2,7 +2,7 @@
 """Softmax vs GMM models on the embedded mosaic: accuracy, anomaly, speed.
 
 Per-pixel families (fcn_R18, deeplabv3plus_R18) and the mask-classification
-one (maskformer2_R18, whose GMM variant is gmmseg_maskformer2_R18).
+one (maskformer2_R18; its GMM runs are named gmmseg_maskformer2_R18).
 
 For every (config, seed) this trains the model with ``tools/train_net.py``
 (same schedule and seed for both classifiers), then evaluates the checkpoint
@@ -38,13 +38,13 @@ MASK_CLASSIFICATION_SCORES = SOFTMAX_SCORES + ("rba",)
 #: GMM Mask2Former: the mask-level density rules, and the softmax-style scores
 #: computed on its GMM class logits for comparison.
 MASK_DENSITY_SCORES = ("density_mask_avg", "density_min", "density_max")
-#: Config files whose name is not ``<family>_<classifier>.yaml``.
-CONFIG_NAMES = {("maskformer2_R18", "gmm"): "gmmseg_maskformer2_R18"}
+#: Run names that are not ``<family>_<classifier>`` (recorded before the
+#: config file took the common ``<family>_<classifier>.yaml`` pattern).
+RUN_PREFIXES = {("maskformer2_R18", "gmm"): "gmmseg_maskformer2_R18"}
 
 
 def config_for(family: str, classifier: str) -> str:
-    name = CONFIG_NAMES.get((family, classifier), f"{family}_{classifier}")
-    return os.path.join("configs", "mosaic", f"{name}.yaml")
+    return os.path.join("configs", "mosaic", f"{family}_{classifier}.yaml")
 
 
 def run(command: List[str], log_path: str) -> str:
@@ -75,7 +75,7 @@ def inference_seconds_per_image(log: str) -> Optional[float]:
 def train_and_evaluate(family: str, classifier: str, seed: int, output_root: str, python: str,
                        extra_opts: List[str]) -> Dict:
     config = config_for(family, classifier)
-    name = f"{os.path.splitext(os.path.basename(config))[0]}_seed{seed}"
+    name = f"{RUN_PREFIXES.get((family, classifier), f'{family}_{classifier}')}_seed{seed}"
     output_dir = os.path.join(output_root, name)
     os.makedirs(output_dir, exist_ok=True)
     train_cmd = [python, "tools/train_net.py", "--config-file", config,

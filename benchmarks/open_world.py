@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Open-world evidence on the procedural texture benchmark: every score on the same checkpoint.
 
+(Long on purpose: training, the one scoring pass over all scores and the
+tables share the run records and must stay in step.)
+
 For every (model, classifier, seed) this trains the model with
 ``tools/train_net.py`` (one schedule per architecture, shared by its softmax
 and GMM variants; ``configs/textures/``), then loads the final checkpoint once
@@ -48,7 +51,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("fcn_R18", "deeplabv3plus_R18", "maskformer2_R18")
 CLASSIFIERS = ("softmax", "gmm")
-CONFIG_NAMES = {("maskformer2_R18", "gmm"): "gmmseg_maskformer2_R18"}
+#: Run names that are not ``<family>_<classifier>``: the GMM Mask2Former's
+#: runs were recorded as gmmseg_maskformer2_R18_seed*, before its config
+#: file took the common ``<family>_<classifier>.yaml`` pattern.
+RUN_PREFIXES = {("maskformer2_R18", "gmm"): "gmmseg_maskformer2_R18"}
 TEST_SEM_SEG = "textures_sem_seg_test"
 TRAIN_SEM_SEG = "textures_sem_seg_train"
 ANOMALY_SPLITS = ("near_val", "far_val", "near_test", "far_test")
@@ -59,12 +65,11 @@ HISTOGRAM_BINS = 60
 
 
 def config_for(family: str, classifier: str) -> str:
-    name = CONFIG_NAMES.get((family, classifier), f"{family}_{classifier}")
-    return os.path.join("configs", "textures", f"{name}.yaml")
+    return os.path.join("configs", "textures", f"{family}_{classifier}.yaml")
 
 
 def run_name(family: str, classifier: str, seed: int) -> str:
-    return f"{os.path.splitext(os.path.basename(config_for(family, classifier)))[0]}_seed{seed}"
+    return f"{RUN_PREFIXES.get((family, classifier), f'{family}_{classifier}')}_seed{seed}"
 
 
 # --------------------------------------------------------------------- training

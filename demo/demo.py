@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run a trained gmmseg_d2 model on your own images or a video.
 
-    python demo/demo.py --config-file configs/textures/gmmseg_maskformer2_R18.yaml \\
+    python demo/demo.py --config-file configs/textures/maskformer2_R18_gmm.yaml \\
         --input photos/ --output out/ --opts MODEL.WEIGHTS output/.../model_final.pth
 
 Each output picture shows the predicted semantic segmentation over the image

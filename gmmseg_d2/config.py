@@ -275,20 +275,23 @@ def add_gmmseg_config(cfg: CN) -> None:
     # from before this key). Per-pixel heads only: the Mask2Former query head
     # always uses "linear".
     cfg.MODEL.GMM.EMBEDDING = "conv_bn_relu"
-    # Storage dtype of the memory: "float32" (official) or "float16". The
+    # Storage dtype of the "ring" memory: "float32" (official) or "float16". The
     # memory is C*M*K*D floats (6.1 GB in float32 for ADE20K's 150 classes at
     # K=32000), on every GPU and in every checkpoint; float16 halves that at a
     # ~1e-3 relative rounding of the stored unit-norm features.
     cfg.MODEL.GMM.MEMORY_DTYPE = "float32"
     # What the memory keeps of the last MEMORY_SIZE features of a component:
-    # "ring" (the official code: the features themselves, C*M*K*D floats) or
-    # "stats" (the same window as chunk sums of MEMORY_CHUNK_SIZE consecutive
-    # features, S1 and S2, all the M-step reads: 2/MEMORY_CHUNK_SIZE of the
-    # float32 ring, 0.98 instead of 9.8 GB for ADE20K at M 8; exact up to the
-    # oldest chunk straddling the window edge, see
-    # gmmseg_d2.modeling.gmm.memory). Also the Mask2Former query head's. A
-    # ring checkpoint loads into either kind; a stats one only into "stats".
-    cfg.MODEL.GMM.MEMORY_KIND = "ring"
+    # "stats" (default: the window as chunk sums of MEMORY_CHUNK_SIZE
+    # consecutive features, S1 and S2, all the M-step reads: 2/MEMORY_CHUNK_SIZE
+    # of the float32 ring, 0.98 instead of 9.8 GB for ADE20K at M 8; exact up
+    # to the oldest chunk straddling the window edge, see
+    # gmmseg_d2.modeling.gmm.memory) or "ring" (the official code's layout:
+    # the features themselves, C*M*K*D floats). Same M-step, and models
+    # trained with either reach the same accuracy (BENCHMARKS.md), hence the
+    # smaller default. Also the Mask2Former query head's. A ring checkpoint
+    # (the official ones included) loads into either kind; a stats one only
+    # into "stats".
+    cfg.MODEL.GMM.MEMORY_KIND = "stats"
     # Features per chunk of the "stats" memory; 0: MAX_SAMPLES_PER_COMPONENT,
     # so that a step at the per-step cap fills exactly one chunk.
     cfg.MODEL.GMM.MEMORY_CHUNK_SIZE = 0

@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import REPO_ROOT
 
-MASK_FORMER_CONFIG = os.path.join(REPO_ROOT, "configs", "textures", "gmmseg_maskformer2_R18.yaml")
+MASK_FORMER_CONFIG = os.path.join(REPO_ROOT, "configs", "textures", "maskformer2_R18_gmm.yaml")
 FCN_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "fcn_R18_softmax.yaml")
 
 

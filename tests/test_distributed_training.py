@@ -87,8 +87,8 @@ def test_two_cpu_processes_keep_gmm_buffers_identical(small_mosaic_root, tmp_pat
     gmm = [k for k in rank0 if k.startswith("sem_seg_head.predictor.")
            and not any(part in k for part in ("projection", "embedding_norm", "class_norm"))]
     assert sorted(k.rsplit("predictor.", 1)[1] for k in gmm) == sorted(
-        ["means", "stds", "iteration", "memory.features", "memory.pointer", "memory.count", "memory.pending",
-         "memory.total_written"])
+        ["means", "stds", "iteration", "memory.chunk_sum", "memory.chunk_square_sum", "memory.filled",
+         "memory.count", "memory.pending", "memory.total_written"])  # the default "stats" memory
     for key in gmm:
         assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
     # The EM really ran: steps counted, memory filled, components moved off their init.

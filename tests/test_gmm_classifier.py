@@ -38,6 +38,9 @@ def make_classifier(seed=0, **overrides) -> GaussianMixtureClassifier:
         max_samples_per_component=10,
         update_interval=2,
         mean_momentum=0.9,
+        # These tests read the stored features, i.e. the ring memory; the
+        # default "stats" memory has its own (tests/test_gmm_memory_stats.py).
+        memory_kind="ring",
     )
     kwargs.update(overrides)
     return GaussianMixtureClassifier(**kwargs)
@@ -88,6 +91,9 @@ def test_from_config_defaults_and_overrides():
     assert (default.estep_samples, default.memory_samples, default.memory_init, default.bootstrap_empty_classes,
             default.embedding) == ("all", "correct", "random", False, "conv_bn_relu")
     assert default.projection.conv.in_features == 32 and default.memory.count.min() == 10
+    # The memory keeps the chunk sums the M-step reads (the ring is an option).
+    assert gmm.MEMORY_KIND == "stats" and default.memory.kind == "stats"
+    assert default.memory.chunk_size == 10  # the per-step cap (20), capped at K = 10
     gmm.MEMORY_SIZE = 100
     gmm.NUM_COMPONENTS = 2
     gmm.EMBED_DIM = 12
@@ -97,6 +103,7 @@ def test_from_config_defaults_and_overrides():
     gmm.BOOTSTRAP_EMPTY_CLASSES = True
     gmm.EMBEDDING = "linear"
     gmm.MEMORY_DTYPE = "float16"
+    gmm.MEMORY_KIND = "ring"
     cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 254
     clf = GaussianMixtureClassifier(cfg, in_channels=32, num_classes=7)
     assert clf.memory.features.shape == (7, 2, 100, 12) and clf.memory.features.dtype == torch.float16
@@ -107,7 +114,7 @@ def test_from_config_defaults_and_overrides():
     assert clf.memory.count.sum() == 0 and clf.memory.features.abs().sum() == 0
     assert torch.allclose(clf.means.norm(dim=-1), torch.ones(7, 2)) and torch.equal(clf.stds, torch.ones(7, 2, 12))
     for key, value in (("MEMORY_DTYPE", "bfloat16"), ("MEMORY_INIT", "zeros"), ("EMBEDDING", "mlp"),
-                       ("E_STEP_SAMPLES", "some")):
+                       ("E_STEP_SAMPLES", "some"), ("MEMORY_KIND", "queue")):
         bad = cfg.clone()
         bad.MODEL.GMM[key] = value
         with pytest.raises(ValueError):
@@ -218,12 +225,13 @@ def test_default_e_step_is_the_official_rule(build):
     if build == "constructor":
         torch.manual_seed(0)
         clf = GaussianMixtureClassifier(in_channels=IN_CHANNELS, num_classes=4, embed_dim=8, num_components=3,
-                                        memory_size=500, max_samples_per_component=1000)
+                                        memory_size=500, max_samples_per_component=1000,
+                                        memory_kind="ring")  # the stored features are read below
     else:
         cfg = get_cfg()
         add_gmmseg_config(cfg)
         cfg.merge_from_list(["MODEL.GMM.EMBED_DIM", "8", "MODEL.GMM.NUM_COMPONENTS", "3", "MODEL.GMM.MEMORY_SIZE",
-                             "500", "MODEL.GMM.MAX_SAMPLES_PER_COMPONENT", "1000"])
+                             "500", "MODEL.GMM.MAX_SAMPLES_PER_COMPONENT", "1000", "MODEL.GMM.MEMORY_KIND", "ring"])
         torch.manual_seed(0)
         clf = GaussianMixtureClassifier(cfg, in_channels=IN_CHANNELS, num_classes=4)
     x, labels = make_batch(300)

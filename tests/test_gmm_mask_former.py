@@ -19,7 +19,7 @@ from gmmseg_d2.modeling.gmm_mask_classification import (
 from tests.conftest import REPO_ROOT
 from tests.test_mask_former import mean_loss_per_pass, mosaic_batches
 
-GMM_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "gmmseg_maskformer2_R18.yaml")
+GMM_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "maskformer2_R18_gmm.yaml")
 SOFTMAX_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "maskformer2_R18_softmax.yaml")
 # Small inputs for fast model-level tests.
 SMALL = ("INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.CROP.SIZE", "(64, 64)", "INPUT.SIZE_DIVISIBILITY", "64",
@@ -178,7 +178,7 @@ def _toy_classifier(**kwargs):
     torch.manual_seed(0)
     return QueryGaussianMixtureClassifier(
         in_channels=HIDDEN, num_classes=C + 1, embed_dim=D, num_components=M, memory_size=16,
-        ignore_value=QUERY_IGNORE_LABEL, **kwargs)
+        ignore_value=QUERY_IGNORE_LABEL, **{"memory_kind": "ring", **kwargs})  # tests read the stored queries
 
 
 def _toy_criterion(classifier, indices, **kwargs):

@@ -7,7 +7,7 @@ import torch
 from tests.conftest import REPO_ROOT
 from tests.test_distributed_training import train_on_two_cpu_processes
 
-GMM_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "gmmseg_maskformer2_R18.yaml")
+GMM_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "maskformer2_R18_gmm.yaml")
 MAX_ITER = 6
 
 OPTS = [
@@ -23,8 +23,8 @@ PREFIX = "sem_seg_head.predictor.class_embed."
 def test_two_cpu_processes_keep_the_query_gmm_identical(small_mosaic_root, tmp_path):
     rank0, rank1 = train_on_two_cpu_processes(GMM_CONFIG, OPTS, MAX_ITER, small_mosaic_root, tmp_path)
     assert rank0.keys() == rank1.keys()
-    buffers = ["means", "stds", "iteration", "memory.features", "memory.pointer", "memory.count", "memory.pending",
-               "memory.total_written"]
+    buffers = ["means", "stds", "iteration", "memory.chunk_sum", "memory.chunk_square_sum", "memory.filled",
+               "memory.count", "memory.pending", "memory.total_written"]  # the default "stats" memory
     for name in buffers:
         assert torch.equal(rank0[PREFIX + name], rank1[PREFIX + name]), f"{name} differs between ranks"
     # The EM ran once per step on the queries of both ranks.

@@ -16,7 +16,7 @@ from tests.conftest import REPO_ROOT
 from tests.test_resume import Interrupted, _InterruptAfter, _RecordLosses
 from tests.test_train_net import _load_train_net
 
-GMM_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "gmmseg_maskformer2_R18.yaml")
+GMM_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "maskformer2_R18_gmm.yaml")
 N = 12
 PREFIX = "sem_seg_head.predictor.class_embed."
 TINY_OPTS = [

@@ -38,8 +38,8 @@ GMMSEG_CONFIGS = {
 CLASS_HEAD = "sem_seg_head.predictor.class_embed."
 GMM_PARAMETERS = {"projection.weight", "projection.bias", "embedding_norm.weight", "embedding_norm.bias",
                   "class_norm.weight", "class_norm.bias"}
-GMM_BUFFERS = {"means", "stds", "iteration", "memory.features", "memory.pointer", "memory.count", "memory.pending",
-               "memory.total_written"}
+GMM_BUFFERS = {"means", "stds", "iteration", "memory.chunk_sum", "memory.chunk_square_sum", "memory.filled",
+               "memory.count", "memory.pending", "memory.total_written"}
 #: Mask2Former's linear class head.
 SOFTMAX_PARAMETERS = {"weight", "bias"}
 
@@ -125,7 +125,8 @@ def test_ade20k_r50_gmm_model_differs_from_softmax_only_in_the_class_head(one_to
     softmax_buffers = {name for name, _ in softmax.named_buffers()}
     assert gmm_buffers - softmax_buffers == {CLASS_HEAD + n for n in GMM_BUFFERS}
     assert softmax_buffers - gmm_buffers == set()
-    assert dict(gmm.named_buffers())[CLASS_HEAD + "memory.features"].shape == (151, 5, 4, 64)
+    # The default "stats" memory: K = 4 in chunks of min(20, K) = 4, so 2 chunk rows.
+    assert dict(gmm.named_buffers())[CLASS_HEAD + "memory.chunk_sum"].shape == (151, 5, 2, 64)
 
     # A softmax checkpoint loads into the GMM model but for the class head.
     result = gmm.load_state_dict(softmax.state_dict(), strict=False)

@@ -11,7 +11,7 @@ import torch
 from tests.conftest import REPO_ROOT
 
 SOFTMAX_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "maskformer2_R18_softmax.yaml")
-GMM_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "gmmseg_maskformer2_R18.yaml")
+GMM_CONFIG = os.path.join(REPO_ROOT, "configs", "mosaic", "maskformer2_R18_gmm.yaml")
 HEIGHT, WIDTH = 64, 96
 
 

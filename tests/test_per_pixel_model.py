@@ -165,7 +165,8 @@ def test_gmm_head_trains_and_fills_memory():
 def test_gmm_model_from_config_loss_names(demo_cfg):
     demo_cfg.merge_from_file(GMM_CONFIG)
     model = build_model(demo_cfg).train()
-    assert model.sem_seg_head.predictor.memory.features.shape == (8, 5, 2000, 64)
+    # The default "stats" memory: K = 2000 in chunks of 20, plus the partly filled one.
+    assert model.sem_seg_head.predictor.memory.chunk_sum.shape == (8, 5, 101, 64)
     inputs = [{"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8),
                "sem_seg": torch.randint(0, 8, (64, 64))} for _ in range(2)]
     losses = model(inputs)
@@ -183,6 +184,7 @@ def test_gmm_model_learns_and_fills_memory_on_mosaic_batches(demo_cfg, small_mos
     demo_cfg.merge_from_list([
         "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32", "INPUT.MIN_SIZE_TRAIN", "(64,)",
         "INPUT.CROP.SIZE", "(64, 64)", "MODEL.GMM.MEMORY_SIZE", "64", "MODEL.GMM.UPDATE_INTERVAL", "2",
+        "MODEL.GMM.MEMORY_KIND", "ring",  # the stored features are read below
     ])
     torch.manual_seed(0)
     np.random.seed(0)

@@ -130,13 +130,14 @@ def test_final_state_bit_identical(runs):
     assert straight["iteration"] == resumed["iteration"] == N - 1
     assert straight["model"].keys() == resumed["model"].keys()
     gmm_keys = [k for k in straight["model"] if k.startswith("sem_seg_head.predictor.")]
-    for suffix in ("means", "stds", "iteration", "memory.features", "memory.pointer", "memory.count",
-                   "memory.pending", "memory.total_written", "projection.bn.running_mean"):
+    # The default "stats" memory (its chunk sums and fill counter).
+    for suffix in ("means", "stds", "iteration", "memory.chunk_sum", "memory.chunk_square_sum", "memory.filled",
+                   "memory.count", "memory.pending", "memory.total_written", "projection.bn.running_mean"):
         assert any(k.endswith(suffix) for k in gmm_keys), (suffix, gmm_keys)
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     assert int(straight["model"]["sem_seg_head.predictor.iteration"]) == N
-    assert int(straight["model"]["sem_seg_head.predictor.memory.total_written"].max()) > 16  # the ring wrapped
+    assert int(straight["model"]["sem_seg_head.predictor.memory.total_written"].max()) > 16  # the window wrapped
     # Optimizer moments and the scheduler's position too.
     straight_optimizer = straight["trainer"]["_trainer"]["optimizer"]
     resumed_optimizer = resumed["trainer"]["_trainer"]["optimizer"]

@@ -10,7 +10,7 @@ registered. This wrapper sets both up, then runs the unmodified script in this
 process as ``__main__``::
 
     .venv/bin/python tools/d2_tool.py analyze_model --tasks parameter \\
-        --config-file configs/textures/gmmseg_maskformer2_R18.yaml
+        --config-file configs/textures/maskformer2_R18_gmm.yaml
     .venv/bin/python tools/d2_tool.py benchmark --task eval \\
         --config-file configs/mosaic/fcn_R18_gmm.yaml MODEL.WEIGHTS output/model_final.pth
     .venv/bin/python tools/d2_tool.py visualize_data --source annotation \\

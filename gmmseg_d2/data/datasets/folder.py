@@ -1,5 +1,8 @@
 """Train on your own data: a folder of images and label PNGs as Detectron2 datasets.
 
+(Long on purpose: discovery, the checks and the registration of one folder
+layout stay together, since every error names a file of that layout.)
+
 Layout (see datasets/README.md, "Train on your own data")::
 
     my_data/

@@ -1,5 +1,8 @@
 """The Gaussian-mixture classifier of GMMSeg, usable by any segmentation head.
 
+(Long on purpose: a third of it is this docstring, the method and every
+difference from the official code in one place.)
+
 :class:`GaussianMixtureClassifier` replaces a head's final linear (or 1x1
 conv) classifier. For every class ``c`` it keeps a mixture of ``M`` diagonal
 Gaussians with uniform weights in a ``D``-dimensional embedding space, fitted
@@ -65,10 +68,10 @@ value of :meth:`~GaussianMixtureClassifier.em_step`, which, without gradient:
    every rank runs the same E-step on the same data and ends with the same
    memory and parameters, equal to one process fed the concatenated batch.
 3. The memory takes at most ``max_samples_per_component`` new features per
-   component (evenly spaced): by default the official per-sample ring
-   buffer (:class:`~.memory.ClassComponentMemory`), or (``memory_kind=
-   "stats"``) only the chunk sums the M-step reads
-   (:class:`~.memory.ClassComponentStatsMemory`), a tenth of the size.
+   component (evenly spaced). By default it keeps only the chunk sums the
+   M-step reads (:class:`~.memory.ClassComponentStatsMemory`, a tenth of the
+   size); ``memory_kind="ring"`` keeps the features themselves, as the
+   official code (:class:`~.memory.ClassComponentMemory`).
 4. Every ``update_interval`` steps (counting from step 0, as the official
    code does) the M-step refits the components written since the last one
    (with ``memory_init="random"``, all of them the first time):
@@ -256,10 +259,11 @@ class GaussianMixtureClassifier(nn.Module):
             L2) or ``"linear"`` (linear with bias -> LayerNorm -> L2; state-dict
             keys ``projection.weight`` / ``projection.bias``).
         memory_dtype: storage dtype of the ring memory (float32 or float16).
-        memory_kind: ``"ring"`` (the official per-sample ring buffer,
-            :class:`~.memory.ClassComponentMemory`) or ``"stats"`` (chunk sums
-            of the same window, ~``2 / max_samples_per_component`` of the
-            size; :class:`~.memory.ClassComponentStatsMemory`).
+        memory_kind: ``"stats"`` (default: chunk sums of the window, all the
+            M-step reads, ~``2 / max_samples_per_component`` of the ring's
+            size; :class:`~.memory.ClassComponentStatsMemory`) or ``"ring"``
+            (the official per-sample ring buffer,
+            :class:`~.memory.ClassComponentMemory`).
         memory_chunk_size: features per chunk of the ``"stats"`` memory
             (``<= 0``: ``max_samples_per_component``).
         ignore_value: label of pixels/queries without a class (255).
@@ -290,7 +294,7 @@ class GaussianMixtureClassifier(nn.Module):
         bootstrap_empty_classes: bool = False,
         embedding: str = "conv_bn_relu",
         memory_dtype: torch.dtype = torch.float32,
-        memory_kind: str = "ring",
+        memory_kind: str = "stats",
         memory_chunk_size: int = 0,
         ignore_value: int = 255,
     ) -> None:

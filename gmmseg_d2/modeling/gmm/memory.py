@@ -1,5 +1,8 @@
 """Per-(class, component) memories of recent features, and the moments the M-step reads.
 
+(Long on purpose: both memory kinds share the subsample, the bookkeeping and
+the M-step's reads, and their equivalence is what this module promises.)
+
 The M-step of GMMSeg does not use the current batch alone: it fits every
 component on the last ``K`` features Sinkhorn assigned to it (official ``K =
 32000``). It needs only three moments of those ``K`` features: their number
@@ -7,10 +10,11 @@ component on the last ``K`` features Sinkhorn assigned to it (official ``K =
 (the mean direction is ``normalise(S1)``, the variance around it ``(S2 - 2 f
 S1 + n f^2) / n``). Two memories provide them (``MODEL.GMM.MEMORY_KIND``):
 
-* :class:`ClassComponentMemory` (``"ring"``, the official layout): a ring
+* :class:`ClassComponentMemory` (``"ring"``, the official code's layout): a ring
   buffer of the ``K`` features themselves, ``C*M*K*D`` floats (9.8 GB in
   float32 for ADE20K at ``M = 8``, on every GPU and in every checkpoint).
-* :class:`ClassComponentStatsMemory` (``"stats"``): the features of each
+* :class:`ClassComponentStatsMemory` (``"stats"``, the default of
+  ``MODEL.GMM.MEMORY_KIND``): the features of each
   component, in the order they arrive, are cut into chunks of ``B``
   consecutive samples (``B`` = the per-step cap, 20 by default) and only each
   chunk's ``S1`` and ``S2`` are kept, in a ring of ``ceil(K / B) + 1``
@@ -630,9 +634,9 @@ def build_class_component_memory(
     if kind == "stats":
         if dtype != torch.float32:
             raise ValueError(
-                f"The 'stats' GMM memory stores float32 sums (it is already ~B/2 times smaller than a "
-                f"float32 ring); MODEL.GMM.MEMORY_DTYPE {dtype} applies to the 'ring' memory only: "
-                f"use float32 with 'stats'."
+                f"MODEL.GMM.MEMORY_DTYPE {dtype} applies to the 'ring' memory only: the 'stats' memory "
+                f"(MODEL.GMM.MEMORY_KIND, the default) stores float32 sums and is already ~B/2 times "
+                f"smaller than a float32 ring. Use float32, or set MODEL.GMM.MEMORY_KIND ring."
             )
         return ClassComponentStatsMemory(num_classes, num_components, capacity, dim, max_new_per_component,
                                          init, chunk_size)
