@@ -22,6 +22,8 @@ __all__ = ["UnreadableImageError", "read_image", "read_image_8bit", "read_label_
 #: What to do about an undecodable file (part of every UnreadableImageError).
 _FIX = ("The file is truncated or corrupt (an interrupted download, copy or extraction?): re-extract or "
         "regenerate the dataset (datasets/prepare_*.py; see datasets/README.md), or remove the record.")
+#: The same for a file a user hands a tool directly (demo inputs), not a dataset record.
+_FIX_INPUT = "The file is truncated or corrupt: copy or save it again, or leave it out of the inputs."
 
 
 class UnreadableImageError(OSError):
@@ -39,9 +41,9 @@ class UnreadableImageError(OSError):
         self.path = path
 
     @classmethod
-    def for_file(cls, path: str, kind: str, cause: BaseException) -> "UnreadableImageError":
-        """The error for ``path`` (an ``kind``, e.g. "image"), caused by Pillow's ``cause``."""
-        return cls(f"Cannot read {kind} '{path}': {type(cause).__name__}: {cause}. {_FIX}", path)
+    def for_file(cls, path: str, kind: str, cause: BaseException, fix: str = _FIX) -> "UnreadableImageError":
+        """The error for ``path`` (a ``kind``, e.g. "image"), caused by Pillow's ``cause``; ``fix`` says what to do."""
+        return cls(f"Cannot read {kind} '{path}': {type(cause).__name__}: {cause}. {fix}", path)
 
 
 def _is_decoding_error(error: BaseException) -> bool:
@@ -132,7 +134,7 @@ def read_image_8bit(filename: str, format: Optional[str] = "RGB") -> np.ndarray:
             array = np.asarray(image.convert("RGB")).copy()
     except Exception as error:  # noqa: BLE001
         if _is_decoding_error(error):
-            raise UnreadableImageError.for_file(filename, "image", error) from error
+            raise UnreadableImageError.for_file(filename, "image", error, fix=_FIX_INPUT) from error
         raise
     if format == "BGR":
         return np.ascontiguousarray(array[:, :, ::-1])
