@@ -318,7 +318,6 @@ def _gmm_work_times(kind: str, dtype, stride: int, args, device) -> dict:
 def _fcn_softmax_step_time(stride: int, args, device) -> float:
     """A whole training step of FCN-R18 softmax, 150 classes, batch at --size (output stride 8)."""
     from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
 
     from gmmseg_d2.config import add_gmmseg_config
 
@@ -327,14 +326,22 @@ def _fcn_softmax_step_time(stride: int, args, device) -> float:
     cfg.merge_from_file(os.path.join(REPO, "configs", "textures", "fcn_R18_softmax.yaml"))
     cfg.merge_from_list(["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "150", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "512",
                          "MODEL.DEVICE", str(device)])
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     labels = _ade_labels(args.batch, args.size, args.size, 150, generator)
     batch = [{"image": torch.randint(0, 256, (3, args.size, args.size), generator=generator, dtype=torch.uint8)
               .float(), "sem_seg": labels[i], "height": args.size, "width": args.size} for i in range(args.batch)]
+    seconds, _ = _training_step_time(cfg, batch, device, args.repeats)
+    return seconds
+
+
+def _training_step_time(cfg, batch: list, device: torch.device, repeats: int):
+    """Median seconds of a whole training step (forward, backward, AdamW) of ``build_model(cfg)``; and the model."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -342,9 +349,7 @@ def _fcn_softmax_step_time(stride: int, args, device) -> float:
         sum(losses.values()).backward()
         optimizer.step()
 
-    seconds = median_time(step, device, args.repeats)
-    del model, optimizer
-    return seconds
+    return median_time(step, device, repeats), model
 
 
 def part_step(args) -> dict:
@@ -385,7 +390,6 @@ MASK2FORMER_OFFICIAL_SIZES = [
 
 def part_maskformer(args) -> dict:
     from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
 
     from gmmseg_d2.config import add_gmmseg_config
 
@@ -418,24 +422,13 @@ def part_maskformer(args) -> dict:
                              "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "150", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "100",
                              "MODEL.MASK_FORMER.GMM_MEMORY_SIZE", "5000", "MODEL.GMM.NUM_COMPONENTS", "8",
                              "MODEL.DEVICE", str(device), *opts])
-        torch.manual_seed(0)
-        model = build_model(cfg)
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            losses = model(batch)
-            sum(losses.values()).backward()
-            optimizer.step()
-
-        seconds = median_time(step, device, args.repeats)
+        seconds, model = _training_step_time(cfg, batch, device, args.repeats)
         memory = [m for m in model.modules() if hasattr(m, "chunk_sum") or hasattr(m, "features")
                   and isinstance(getattr(m, "features"), torch.Tensor)]
         rows.append(dict(head=name, step_s=seconds,
                          memory_bytes=sum(buffer_bytes(m) for m in memory)))
         print(rows[-1], flush=True)
-        del model, optimizer
+        del model
     return dict(batch=args.mf_batch, size=args.size, classes=150, queries=100, repeats=args.repeats, rows=rows)
 
 
