@@ -289,8 +289,8 @@ def add_gmmseg_config(cfg: CN) -> None:
     # the features themselves, C*M*K*D floats). Same M-step, and models
     # trained with either reach the same accuracy (BENCHMARKS.md), hence the
     # smaller default. Also the Mask2Former query head's. A ring checkpoint
-    # (the official ones included) loads into either kind; a stats one only
-    # into "stats".
+    # (every one written before this key) loads into either kind; a stats one
+    # only into "stats".
     cfg.MODEL.GMM.MEMORY_KIND = "stats"
     # Features per chunk of the "stats" memory; 0: MAX_SAMPLES_PER_COMPONENT,
     # so that a step at the per-step cap fills exactly one chunk.
