@@ -10,6 +10,19 @@ from detectron2.projects.deeplab import add_deeplab_config
 
 __all__ = ["add_folder_dataset_config", "add_gmmseg_config", "add_maskformer2_config"]
 
+#: Keys that ``MODEL.CLASSIFIER`` and ``MODEL.GMM.QUERY`` replaced, and their
+#: new names; a config that sets an old one fails to merge, naming the new one.
+_RENAMED_CLASSIFIER_KEYS = {
+    "MODEL.SEM_SEG_HEAD.CLASSIFIER": "MODEL.CLASSIFIER.NAME",
+    "MODEL.MASK_FORMER.CLASSIFIER": "MODEL.CLASSIFIER.NAME",
+    "MODEL.MASK_FORMER.GMM_MEMORY_SIZE": "MODEL.GMM.QUERY.MEMORY_SIZE",
+    "MODEL.MASK_FORMER.GMM_MEMORY_SAMPLES": "MODEL.GMM.QUERY.MEMORY_SAMPLES",
+    "MODEL.MASK_FORMER.GMM_MEMORY_INIT": "MODEL.GMM.QUERY.MEMORY_INIT",
+    "MODEL.MASK_FORMER.GMM_BOOTSTRAP_EMPTY_CLASSES": "MODEL.GMM.QUERY.BOOTSTRAP_EMPTY_CLASSES",
+    "MODEL.MASK_FORMER.GMM_MEMORY_LAYERS": "MODEL.CLASSIFIER.QUERY.UPDATE_LAYERS",
+    "MODEL.MASK_FORMER.GMM_NO_OBJECT_RATIO": "MODEL.CLASSIFIER.QUERY.NO_OBJECT_RATIO",
+}
+
 
 def add_maskformer2_config(cfg: CN) -> None:
     """Add Mask2Former's config keys to ``cfg`` in place, with those gmmseg_d2's models read.
@@ -21,8 +34,8 @@ def add_maskformer2_config(cfg: CN) -> None:
     ``configs/``, MaskFormer and per-pixel alike. Mask2Former's keys keep its
     names and defaults exactly, so its YAML files merge unchanged; gmmseg_d2's
     own keys come with them, because our ``MaskFormer`` reads some whatever
-    the YAML says (``MODEL.MASK_FORMER.TEST.ANOMALY_SCORE``, ``CLASSIFIER``,
-    ``GMM_*``, ``MODEL.GMM.*``, ``TEST.SLIDING_WINDOW.*``). It is therefore
+    the YAML says (``MODEL.MASK_FORMER.TEST.ANOMALY_SCORE``,
+    ``MODEL.CLASSIFIER.*``, ``MODEL.GMM.*``, ``TEST.SLIDING_WINDOW.*``). It is therefore
     the same as :func:`add_gmmseg_config` (which also adds Detectron2's DeepLab
     keys; adding them twice, before any merge, changes nothing). Like the
     official function, call it on a fresh config, before merging or setting
@@ -142,68 +155,47 @@ def add_gmmseg_config(cfg: CN) -> None:
     # (Rejected by All: -sum_c tanh of the mask-weighted class logits); see
     # gmmseg_d2.modeling.anomaly.mask_classification_anomaly_score.
     cfg.MODEL.MASK_FORMER.TEST.ANOMALY_SCORE = "msp"
-    # With CLASSIFIER "gmm" three density rules are available as well, built
-    # on each query's a_q = -max_c log p(e_q | c) over the C real classes:
+    # Three rules on the classifier's per-query anomaly score a_q (for the GMM
+    # a_q = -max_c log p(e_q | c) over the C real classes; for prototypes the
+    # negative best cosine; needs a classifier other than softmax):
     # "density_mask_avg" (average of a_q weighted by (1 - p_q(no object)) x
     # mask probability), "density_min" / "density_max" (min / max of a_q over
     # the queries covering the pixel); see
     # gmmseg_d2.modeling.anomaly.mask_density_anomaly_score.
 
-    # The class head of the transformer decoder: "softmax" (Mask2Former's
-    # linear layer over C + 1 classes) or "gmm" (GMMSeg: the Gaussian-mixture
-    # classifier over C + 1 mixtures, the last one "no object", configured by
-    # MODEL.GMM.* except for the query-level GMM_* keys below, which replace
-    # MODEL.GMM.MEMORY_SIZE / MEMORY_INIT / BOOTSTRAP_EMPTY_CLASSES, and the
-    # embedding, always linear -> LayerNorm -> L2 whatever MODEL.GMM.EMBEDDING
-    # says). See gmmseg_d2.modeling.gmm_mask_classification.
-    cfg.MODEL.MASK_FORMER.CLASSIFIER = "softmax"
-    # Query-level memory per (class, component), replacing MODEL.GMM.MEMORY_SIZE
-    # (a per-pixel value) for the mask classifier. A class gets at most one
-    # matched query per image (semantic targets are one mask per class), so at
-    # batch 16 a frequent class brings ~16 / M = 3 features per component per
-    # step, against the 20 per step that fill the official per-pixel memory
-    # of 32000 in 1600 iterations. 5000 slots keep the same ~1600-iteration
-    # window for the frequent classes (longer for rare ones), at 1/6 of the
-    # per-pixel memory (ADE20K: 0.97 GB in float32 instead of 6.2 GB).
-    cfg.MODEL.MASK_FORMER.GMM_MEMORY_SIZE = 5000
-    # Which decoder layers' matched queries feed the memory and the E-step:
-    # "last" (the final prediction; the auxiliary layers only get the
-    # component loss, with no state update) or "all" (the queries of every
-    # layer in one EM step, one component loss).
-    cfg.MODEL.MASK_FORMER.GMM_MEMORY_LAYERS = "last"
-    # Which labelled queries go through the Sinkhorn E-step and into the
-    # memory: "labelled" (every matched query and every sampled unmatched one)
-    # or "correct" (as the per-pixel model: MODEL.GMM.E_STEP_SAMPLES decides
-    # the E-step, and only queries the model classifies correctly are stored).
-    # "correct" can lock a class out for good: until a class's components hold
-    # a feature their stds stay 1, so it scores far below every fitted class,
-    # is never classified correctly and never stored (see
-    # gmmseg_d2.modeling.gmm_mask_classification).
-    cfg.MODEL.MASK_FORMER.GMM_MEMORY_SAMPLES = "labelled"
-    # Query-level memory start, replacing MODEL.GMM.MEMORY_INIT: "empty" or
-    # "random" (see there). "empty" because matched queries are few per step
-    # (~3 per component at batch 16 for a frequent class, far fewer for rare
-    # ones): random slots would make up most of a 5000-slot memory, and bias
-    # every M-step, for thousands of iterations. The official code has no
-    # query-level model to follow.
-    cfg.MODEL.MASK_FORMER.GMM_MEMORY_INIT = "empty"
-    # Replaces MODEL.GMM.BOOTSTRAP_EMPTY_CLASSES for the query head: on, the
-    # remedy that goes with the "empty" start (a class's samples count as
-    # correct until it has stored a feature). It matters only with
-    # GMM_MEMORY_SAMPLES "correct" ("labelled" stores every labelled query).
-    cfg.MODEL.MASK_FORMER.GMM_BOOTSTRAP_EMPTY_CLASSES = True
-    # Unmatched queries given to the "no object" mixture, per image, as a
-    # multiple of the image's matched queries (at least one query per image,
-    # at most all unmatched ones; a random subset); < 0 takes every unmatched
-    # query. The others are ignored by the EM step (they still get the usual
-    # "no object" cross-entropy). 1.0 keeps "no object" from outnumbering the
-    # real classes in the E-step and the component loss (Q = 100 queries
-    # against ~10 matched ones per ADE20K image).
-    cfg.MODEL.MASK_FORMER.GMM_NO_OBJECT_RATIO = 1.0
+    # ------------------------------------------------------------ classifier
+    # The classifier at the end of every segmenter (FCN, DeepLabV3+: per
+    # pixel; Mask2Former: per query, over C + 1 classes, the last "no
+    # object"), by its name in gmmseg_d2.modeling.classifiers.CLASSIFIER_REGISTRY:
+    # "softmax" (a linear map: the 1x1 conv of per-pixel heads, Mask2Former's
+    # linear class head) or "gmm" (GMMSeg's Gaussian mixtures, MODEL.GMM.*).
+    # Projects register more: "prototype" (projects/ProtoSeg, MODEL.PROTO.*).
+    cfg.MODEL.CLASSIFIER = CN()
+    cfg.MODEL.CLASSIFIER.NAME = "softmax"
+    # Mask2Former: how the criterion labels the queries for the classifier's
+    # own losses and state update (the GMM's EM step, the prototypes'
+    # clustering), after the Hungarian matching. A matched query gets its
+    # target's class; unmatched ones get "no object", at most
+    # ceil(NO_OBJECT_RATIO x matched) of them per image (at least one, a
+    # random subset; < 0: all of them), the others are ignored (they still
+    # get Mask2Former's "no object" cross-entropy). 1.0 keeps "no object"
+    # from outnumbering the classes (Q = 100 queries, ~10 matched per ADE20K
+    # image). Classifiers without losses of their own (softmax) ignore this.
+    cfg.MODEL.CLASSIFIER.QUERY = CN()
+    cfg.MODEL.CLASSIFIER.QUERY.NO_OBJECT_RATIO = 1.0
+    # Which decoder layers feed the update: "last" (the final prediction;
+    # with deep supervision every auxiliary layer also gets the classifier's
+    # losses, suffixed _{i}, without a state update) or "all" (the queries of
+    # every layer in one update, one loss).
+    cfg.MODEL.CLASSIFIER.QUERY.UPDATE_LAYERS = "last"
+    # The keys the classifier name and the query-level GMM settings had
+    # before this node: merging a config that still sets one fails with the
+    # new name.
+    for old_key, new_key in _RENAMED_CLASSIFIER_KEYS.items():
+        if not cfg.key_is_renamed(old_key):  # add_*_config may run twice on one config
+            cfg.register_renamed_key(old_key, new_key, "the classifier seam moved it (gmmseg_d2/config.py)")
 
     # ------------------------------------------------------ per-pixel heads
-    # "softmax": a 1x1 conv classifier; "gmm": the Gaussian-mixture classifier.
-    cfg.MODEL.SEM_SEG_HEAD.CLASSIFIER = "softmax"
     # FCN head (mmseg's FCNHead shape): NUM_CONVS 3x3 convs of CONVS_DIM
     # channels, optional concatenation of the input, dropout, classifier.
     cfg.MODEL.SEM_SEG_HEAD.NUM_CONVS = 2
@@ -295,6 +287,32 @@ def add_gmmseg_config(cfg: CN) -> None:
     # Features per chunk of the "stats" memory; 0: MAX_SAMPLES_PER_COMPONENT,
     # so that a step at the per-step cap fills exactly one chunk.
     cfg.MODEL.GMM.MEMORY_CHUNK_SIZE = 0
+    # The Mask2Former query head's values, where they differ from the
+    # per-pixel ones above (every other MODEL.GMM key applies to both); the
+    # reasons are in gmmseg_d2.modeling.classifiers.gmm.
+    cfg.MODEL.GMM.QUERY = CN()
+    # Per (class, component). A class gets at most one matched query per
+    # image (semantic targets are one mask per class): at batch 16 a frequent
+    # class brings ~16 / M = 3 features per component per step, against the
+    # 20 per step that fill the per-pixel 32000 in 1600 iterations; 5000 keep
+    # about that window for the frequent classes (ADE20K: 0.97 GB in a
+    # float32 ring instead of 6.2 GB).
+    cfg.MODEL.GMM.QUERY.MEMORY_SIZE = 5000
+    cfg.MODEL.GMM.QUERY.MAX_SAMPLES_PER_COMPONENT = 20
+    # Which labelled queries go through the Sinkhorn E-step and into the
+    # memory: "labelled" (every matched query and every sampled unmatched
+    # one, correct or not) or "correct" (as per pixel: MODEL.GMM.E_STEP_SAMPLES
+    # decides the E-step, only correctly classified queries are stored; this
+    # can lock a class out for good at query level).
+    cfg.MODEL.GMM.QUERY.MEMORY_SAMPLES = "labelled"
+    # "empty" (few matched queries per step: random slots would dominate the
+    # memory and bias the M-step for thousands of iterations) or "random".
+    cfg.MODEL.GMM.QUERY.MEMORY_INIT = "empty"
+    # The remedy that goes with "empty"; matters only with MEMORY_SAMPLES "correct".
+    cfg.MODEL.GMM.QUERY.BOOTSTRAP_EMPTY_CLASSES = True
+    # linear -> LayerNorm -> L2 (the paper's query head; a BatchNorm over the
+    # B x Q queries, mostly "no object", is no per-pixel statistic).
+    cfg.MODEL.GMM.QUERY.EMBEDDING = "linear"
 
     # --------------------------------------- DeepLabV3+ head (DeepLabV3PlusClassifierHead)
     # Otherwise it reads Detectron2's DeepLab keys (ASPP_*, PROJECT_CHANNELS,
@@ -308,7 +326,8 @@ def add_gmmseg_config(cfg: CN) -> None:
 
     # TEST.VISUALIZE was never read; the config.yaml that earlier runs dumped
     # still holds it, so merging one ignores it (with a warning) instead of failing.
-    cfg.register_deprecated_key("TEST.VISUALIZE")
+    if not cfg.key_is_deprecated("TEST.VISUALIZE"):
+        cfg.register_deprecated_key("TEST.VISUALIZE")
 
     # ---------------------------------------------- sliding-window inference
     # PerPixelSegmentor and MaskFormer at test time: whole-image inference by

@@ -4,7 +4,7 @@ import logging
 import os
 import weakref
 from collections import OrderedDict
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,14 +37,19 @@ __all__ = ["Trainer", "setup_cfg", "training_seed", "write_eval_results"]
 EVAL_RESULTS_FILE = "eval_results.json"
 
 
-def setup_cfg(args, *, default_setup_logging: bool = True) -> CfgNode:
+def setup_cfg(args, *, default_setup_logging: bool = True,
+              extra_config: Sequence[Callable[[CfgNode], None]] = ()) -> CfgNode:
     """Config from ``args.config_file`` and ``args.opts``, with gmmseg_d2's keys.
 
+    ``extra_config``: functions adding further keys (a project's
+    ``add_*_config``), applied after gmmseg_d2's, before the merge.
     Falls back to ``MODEL.DEVICE = "cpu"`` when no GPU is available, so the
     same YAML runs on a laptop and on a GPU node.
     """
     cfg = get_cfg()
     add_gmmseg_config(cfg)
+    for add_config in extra_config:
+        add_config(cfg)
     if args.config_file:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)

@@ -20,9 +20,21 @@ ranks (at least 1). With ``aux_outputs`` the losses are repeated on every
 intermediate prediction, each with its own matching, under keys suffixed
 ``_{i}``. Weighting by ``weight_dict`` is left to the caller (the
 meta-architecture), as in the official code.
+
+The classifier's own losses (the GMM's component loss and EM step, the
+prototypes' PPC/PPD and update): for a classifier with ``loss_names``, every
+layer's queries are labelled from that layer's matching
+(:func:`query_class_labels`) and the classifier, passed to :meth:`forward`
+as an argument, gets ``classifier.losses(layer's pred_classifier, labels,
+update=...)``: the final layer with ``update=True`` and, with deep
+supervision, every auxiliary layer with ``update=False`` (keys suffixed
+``_{i}``); or, with ``update_layers="all"``, all layers in one call. The
+number of calls depends on the config only, never on the data, since a
+classifier with state all-gathers inside each call.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -37,11 +49,46 @@ from detectron2.projects.point_rend.point_features import (
 )
 from detectron2.utils.comm import get_world_size
 
+from .classifiers import QUERY_IGNORE_LABEL, SegmentationClassifier, concatenate_outputs
 from .matcher import HungarianMatcher
 
-__all__ = ["SetCriterion", "dice_loss", "sigmoid_ce_loss", "calculate_uncertainty"]
+__all__ = [
+    "QUERY_UPDATE_LAYERS", "SetCriterion", "calculate_uncertainty", "dice_loss", "query_class_labels",
+    "sigmoid_ce_loss",
+]
 
 Indices = List[Tuple[Tensor, Tensor]]
+
+#: Values of ``MODEL.CLASSIFIER.QUERY.UPDATE_LAYERS``.
+QUERY_UPDATE_LAYERS = ("last", "all")
+
+
+def query_class_labels(indices: Indices, targets: Sequence[Dict[str, Tensor]], num_queries: int,
+                       num_classes: int, no_object_ratio: float) -> Tensor:
+    """Label of every query of one decoder layer for the classifier's own losses, ``(B, Q)`` int64 (CPU).
+
+    Matched queries get their target's class; a random subset of the
+    unmatched ones gets ``num_classes`` ("no object"): per image
+    ``ceil(no_object_ratio x matched)`` of them, at least one and at most
+    all (``no_object_ratio < 0``: all); the others get
+    :data:`~gmmseg_d2.modeling.classifiers.QUERY_IGNORE_LABEL`. The subset is
+    drawn from the global CPU generator, so seeding torch makes it reproducible.
+    """
+    labels = torch.full((len(indices), num_queries), QUERY_IGNORE_LABEL, dtype=torch.int64)
+    for b, ((query_idx, target_idx), target) in enumerate(zip(indices, targets)):
+        query_idx = query_idx.cpu()
+        labels[b, query_idx] = target["labels"].cpu()[target_idx.cpu()]
+        unmatched = torch.ones(num_queries, dtype=torch.bool)
+        unmatched[query_idx] = False
+        candidates = torch.nonzero(unmatched).squeeze(1)
+        if no_object_ratio < 0:
+            take = candidates.numel()
+        else:
+            take = min(candidates.numel(), max(1, math.ceil(no_object_ratio * query_idx.numel())))
+        if take < candidates.numel():
+            candidates = candidates[torch.randperm(candidates.numel())[:take]].sort().values
+        labels[b, candidates] = num_classes
+    return labels
 
 
 def dice_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
@@ -91,9 +138,10 @@ def _distributed_mean_num_masks(num_masks: int, device: torch.device) -> float:
 class SetCriterion(nn.Module):
     """Matching-based losses for mask classification.
 
-    Reads only ``outputs["pred_logits"]`` ``(B, Q, num_classes + 1)`` and
+    Reads ``outputs["pred_logits"]`` ``(B, Q, num_classes + 1)`` and
     ``outputs["pred_masks"]`` ``(B, Q, H, W)`` (plus ``"aux_outputs"``), so the
-    logits may come from any classifier. Subclasses add losses by extending
+    logits may come from any classifier, and, for a classifier with losses of
+    its own, ``"pred_classifier"``. Subclasses add losses by extending
     :meth:`loss_functions`.
     """
 
@@ -108,6 +156,11 @@ class SetCriterion(nn.Module):
         num_points: int,
         oversample_ratio: float,
         importance_sample_ratio: float,
+        *,
+        classifier_loss_names: Sequence[str] = (),
+        no_object_ratio: float = 1.0,
+        update_layers: str = "last",
+        aux_classifier_losses: bool = True,
     ):
         """
         Args:
@@ -120,8 +173,21 @@ class SetCriterion(nn.Module):
             num_points: points per mask for ``loss_mask`` / ``loss_dice``.
             oversample_ratio: candidate points per kept point (>= 1).
             importance_sample_ratio: fraction of points chosen by uncertainty, in ``[0, 1]``.
+            classifier_loss_names: the classifier's ``loss_names``; empty (the
+                softmax head): no classifier losses, no query labelling.
+            no_object_ratio: see :func:`query_class_labels`.
+            update_layers: ``"last"`` or ``"all"`` (see the module docstring).
+            aux_classifier_losses: with ``"last"``, also the classifier's
+                losses (no update) on every auxiliary prediction.
         """
         super().__init__()
+        if update_layers not in QUERY_UPDATE_LAYERS:
+            raise ValueError(f"MODEL.CLASSIFIER.QUERY.UPDATE_LAYERS must be one of {QUERY_UPDATE_LAYERS}, "
+                             f"got {update_layers!r}")
+        self.classifier_loss_names = tuple(classifier_loss_names)
+        self.no_object_ratio = no_object_ratio
+        self.update_layers = update_layers
+        self.aux_classifier_losses = aux_classifier_losses
         unknown = [name for name in losses if name not in self.loss_functions()]
         if unknown:
             raise ValueError(f"SetCriterion: unknown losses {unknown}; available: {sorted(self.loss_functions())}.")
@@ -146,12 +212,13 @@ class SetCriterion(nn.Module):
         self.importance_sample_ratio = importance_sample_ratio
 
     @classmethod
-    def from_config(cls, cfg, matcher: Optional[nn.Module] = None) -> Dict:
+    def from_config(cls, cfg, matcher: Optional[nn.Module] = None, classifier_loss_names: Sequence[str] = ()) -> Dict:
         """Arguments as the official ``MaskFormer.from_config`` builds them.
 
         The matching costs are the loss weights; with ``DEEP_SUPERVISION`` the
         weight dict also holds ``loss_*_{i}`` for the ``DEC_LAYERS - 1``
-        auxiliary predictions.
+        auxiliary predictions. The classifier's own losses come weighted
+        (their ``weight_dict`` entries are 1).
         """
         mask_former = cfg.MODEL.MASK_FORMER
         weight_dict = {
@@ -163,7 +230,17 @@ class SetCriterion(nn.Module):
             main_weights = dict(weight_dict)
             for i in range(mask_former.DEC_LAYERS - 1):
                 weight_dict.update({f"{name}_{i}": weight for name, weight in main_weights.items()})
+        query = cfg.MODEL.CLASSIFIER.QUERY
+        aux_classifier_losses = bool(mask_former.DEEP_SUPERVISION) and query.UPDATE_LAYERS == "last"
+        for name in classifier_loss_names:
+            weight_dict[name] = 1.0
+            if aux_classifier_losses:
+                weight_dict.update({f"{name}_{i}": 1.0 for i in range(mask_former.DEC_LAYERS - 1)})
         return {
+            "classifier_loss_names": tuple(classifier_loss_names),
+            "no_object_ratio": query.NO_OBJECT_RATIO,
+            "update_layers": query.UPDATE_LAYERS,
+            "aux_classifier_losses": aux_classifier_losses,
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             "matcher": matcher if matcher is not None else HungarianMatcher(cfg),
             "weight_dict": weight_dict,
@@ -269,24 +346,31 @@ class SetCriterion(nn.Module):
             raise KeyError(f"SetCriterion: unknown loss {loss!r}; available: {sorted(functions)}.")
         return functions[loss](outputs, targets, indices, num_masks)
 
-    def forward(self, outputs: Dict, targets: Sequence[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+    def forward(self, outputs: Dict, targets: Sequence[Dict[str, Tensor]],
+                classifier: Optional[SegmentationClassifier] = None) -> Dict[str, Tensor]:
         """Unweighted losses of the final prediction and of every ``aux_outputs`` entry.
 
         Args:
             outputs: ``"pred_logits"`` ``(B, Q, C + 1)``, ``"pred_masks"`` ``(B, Q, H, W)``,
-                optionally ``"aux_outputs"``: a list of dicts with the same two keys.
+                optionally ``"aux_outputs"``: a list of dicts with the same two keys;
+                with classifier losses also ``"pred_classifier"`` in each.
             targets: ``B`` dicts with ``"labels"`` ``(T_b,)`` int64 in ``[0, C)`` and
                 ``"masks"`` ``(T_b, H_t, W_t)`` binary.
+            classifier: the decoder's class head; needed when
+                ``classifier_loss_names`` is not empty.
 
         Returns:
-            ``loss_ce``, ``loss_mask``, ``loss_dice`` and, for auxiliary output
-            ``i``, the same names suffixed ``_{i}``.
+            ``loss_ce``, ``loss_mask``, ``loss_dice``, the classifier's losses and,
+            for auxiliary output ``i``, the same names suffixed ``_{i}``.
         """
         if targets is None:
             raise ValueError(
                 "SetCriterion: no targets; training inputs need an 'instances' field with gt_classes and gt_masks "
                 "(use MaskFormerSemanticDatasetMapper)."
             )
+        if self.classifier_loss_names and classifier is None:
+            raise ValueError(f"SetCriterion: the classifier's losses {self.classifier_loss_names} need the "
+                             "classifier: call criterion(outputs, targets, classifier)")
         self._check_targets(targets)
         outputs_without_aux = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         indices = self.matcher(outputs_without_aux, targets)
@@ -298,11 +382,44 @@ class SetCriterion(nn.Module):
         losses: Dict[str, Tensor] = {}
         for loss in self.losses:
             losses.update(self.get_loss(loss, outputs, targets, indices, num_masks))
+        # (classifier output, query labels) per layer, final first. Labelled
+        # right after each layer's losses: the labels draw from the same RNG
+        # as the point sampling, and this keeps the order of draws fixed.
+        labelled = [self._label_layer(outputs, targets, indices)] if self.classifier_loss_names else []
 
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
             aux_indices = self.matcher(aux_outputs, targets)
             for loss in self.losses:
                 aux_losses = self.get_loss(loss, aux_outputs, targets, aux_indices, num_masks)
+                losses.update({f"{name}_{i}": value for name, value in aux_losses.items()})
+            if self.classifier_loss_names:
+                labelled.append(self._label_layer(aux_outputs, targets, aux_indices))
+        if self.classifier_loss_names:
+            losses.update(self.classifier_losses(classifier, labelled))
+        return losses
+
+    def _label_layer(self, outputs: Dict, targets: Sequence[Dict], indices: Indices):
+        if "pred_classifier" not in outputs:
+            raise KeyError("SetCriterion: the predictions have no 'pred_classifier' (the class head's whole "
+                           "output), which the classifier's own losses need")
+        labels = query_class_labels(indices, targets, outputs["pred_logits"].shape[1], self.num_classes,
+                                    self.no_object_ratio)
+        return outputs["pred_classifier"], labels.to(outputs["pred_logits"].device)
+
+    def classifier_losses(self, classifier: SegmentationClassifier, labelled: Sequence) -> Dict[str, Tensor]:
+        """The classifier's losses on ``[(output, labels (B, Q)), ...]``, final layer first.
+
+        Always the same calls for a given config, whatever the data.
+        """
+        if self.update_layers == "all":
+            merged = concatenate_outputs([output for output, _ in labelled])
+            labels = torch.cat([labels for _, labels in labelled], dim=0)
+            return classifier.losses(merged, labels, update=True)
+        (final_output, final_labels), aux = labelled[0], labelled[1:]
+        losses = dict(classifier.losses(final_output, final_labels, update=True))
+        if self.aux_classifier_losses:
+            for i, (output, labels) in enumerate(aux):
+                aux_losses = classifier.losses(output, labels, update=False)
                 losses.update({f"{name}_{i}": value for name, value in aux_losses.items()})
         return losses
 
@@ -327,4 +444,7 @@ class SetCriterion(nn.Module):
             f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, losses={self.losses}, "
             f"num_points={self.num_points}, oversample_ratio={self.oversample_ratio}, "
             f"importance_sample_ratio={self.importance_sample_ratio},\nweight_dict={self.weight_dict}"
+            + (f",\nclassifier_loss_names={self.classifier_loss_names}, update_layers={self.update_layers}, "
+               f"no_object_ratio={self.no_object_ratio}, aux_classifier_losses={self.aux_classifier_losses}"
+               if self.classifier_loss_names else "")
         )

@@ -140,6 +140,7 @@ from detectron2.utils.events import get_event_storage
 from einops import rearrange
 from torch import nn
 
+from ..embedding import layer_norm_l2
 from .distributed import all_gather_rows
 from .likelihood import diagonal_gaussian_log_likelihood
 from .memory import MEMORY_INITS, MEMORY_KINDS, build_class_component_memory
@@ -408,12 +409,7 @@ class GaussianMixtureClassifier(nn.Module):
         in training), ReLU, LayerNorm, L2. ``"linear"``: projection with bias,
         LayerNorm, L2.
         """
-        projected = self.projection(x)
-        # Normalisations in float32 even under autocast: the scores built on
-        # them are large differences of log-densities.
-        with torch.autocast(device_type=projected.device.type, enabled=False):
-            projected = projected.float()
-            return F.normalize(self.embedding_norm(projected), dim=-1)
+        return layer_norm_l2(self.projection(x), self.embedding_norm)
 
     def classify(self, embeddings: torch.Tensor) -> GMMClassifierOutput:
         """Score ``(*, D)`` embeddings against every component and class."""

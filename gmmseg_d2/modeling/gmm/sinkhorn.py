@@ -12,6 +12,10 @@ uniform mixture weights ``pi = 1/M``). Following the official code:
 4. multiply by ``N`` so that each sample's row sums to 1, and take the argmax of
    each row as its hard assignment.
 
+Step 1 is GMMSeg's; ProtoSeg's online clustering (the prototype classifier
+of ``projects/ProtoSeg``) is the same algorithm on cosine similarities
+without it: pass ``scale_by_max_abs=False``.
+
 The sample constraint is applied last, so the returned plan has rows summing
 to exactly 1 and columns summing to ``N/M`` only approximately (exactly in the
 limit of many iterations).
@@ -58,6 +62,8 @@ def segmented_sinkhorn_transport_plan(
     segments: torch.Tensor,
     iterations: int = 3,
     epsilon: float = 0.05,
+    *,
+    scale_by_max_abs: bool = True,
 ) -> torch.Tensor:
     """Sinkhorn-Knopp transport plans of several independent groups of samples.
 
@@ -68,6 +74,8 @@ def segmented_sinkhorn_transport_plan(
             plan of each group is computed as if the group were alone.
         iterations: number of (component, sample) normalisation rounds.
         epsilon: entropic regularisation; smaller is closer to a hard matching.
+        scale_by_max_abs: divide each group's scores by their largest absolute
+            value first (GMMSeg); False uses them as they are (ProtoSeg).
 
     Returns:
         ``(N, M)`` plan in ``scores``' dtype (float32 at least): each row sums to
@@ -97,8 +105,10 @@ def segmented_sinkhorn_transport_plan(
 
     # Max-abs scaling per group puts the scores in [-1, 1] whatever the scale of
     # the log-densities, so epsilon has the same meaning for every class.
-    scale = segment_max(q.abs().amax(dim=1)).clamp_min(_TINY)  # (S,)
-    q = q / scale[member_of, None] / epsilon
+    if scale_by_max_abs:
+        scale = segment_max(q.abs().amax(dim=1)).clamp_min(_TINY)  # (S,)
+        q = q / scale[member_of, None]
+    q = q / epsilon
     # Subtracting each group's maximum leaves the normalised plan unchanged and
     # keeps exp() in range.
     q = torch.exp(q - segment_max(q.amax(dim=1))[member_of, None])
@@ -120,17 +130,21 @@ def segmented_sinkhorn_assignment(
     segments: torch.Tensor,
     iterations: int = 3,
     epsilon: float = 0.05,
+    *,
+    scale_by_max_abs: bool = True,
 ) -> torch.Tensor:
     """Hard Sinkhorn assignment of every sample within its own group.
 
     Args:
         scores: ``(N, M)`` finite component scores.
         segments: ``(N,)`` integer group (class) of every sample.
+        scale_by_max_abs: see :func:`segmented_sinkhorn_transport_plan`.
 
     Returns:
         ``(N,)`` int64 index of the assigned component.
     """
-    plan = segmented_sinkhorn_transport_plan(scores, segments, iterations, epsilon)
+    plan = segmented_sinkhorn_transport_plan(scores, segments, iterations, epsilon,
+                                             scale_by_max_abs=scale_by_max_abs)
     return plan.argmax(dim=1)
 
 

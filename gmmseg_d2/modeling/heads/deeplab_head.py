@@ -1,11 +1,11 @@
-"""DeepLabV3+ head (Chen et al. 2018) with a softmax or GMM pixel classifier.
+"""DeepLabV3+ head (Chen et al. 2018) with any registered pixel classifier (softmax, GMM, ...).
 
 The decoder is Detectron2's own :class:`~detectron2.projects.deeplab.DeepLabV3PlusHead`
 built in its decoder-only mode (``num_classes=None``): ASPP on the
 largest-stride input feature, then, towards the smallest stride, a 1x1
 projection of each low-level feature (``res2``) fused with the upsampled
 decoder output. This class only adds what follows the decoder: optional
-dropout, the classifier selected by ``MODEL.SEM_SEG_HEAD.CLASSIFIER`` (kept as
+dropout, the classifier selected by ``MODEL.CLASSIFIER.NAME`` (kept as
 ``self.predictor``, as in Detectron2's head), the losses and the anomaly
 score. Parameter names are Detectron2's (``decoder.*``, ``predictor.*``), so a
 softmax head loads a ``DeepLabV3PlusHead`` state dict as is.
@@ -35,7 +35,7 @@ from detectron2.projects.deeplab.loss import DeepLabCE
 from detectron2.projects.deeplab.semantic_seg import DeepLabV3PlusHead
 
 from .pixel_classifier import (
-    PixelClassifierHeadMixin, build_pixel_classifier, check_pixel_head_settings, gmm_kwargs_from_config,
+    PixelClassifierBuilder, PixelClassifierHeadMixin, default_pixel_classifier, pixel_classifier_builder,
 )
 
 __all__ = ["DeepLabV3PlusClassifierHead", "GMMSegDeepLabV3PlusHead", "ASPP_POOLING_MODES", "DEEPLAB_LOSS_TYPES"]
@@ -48,14 +48,14 @@ DEEPLAB_LOSS_TYPES = ("cross_entropy", "hard_pixel_mining")
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class DeepLabV3PlusClassifierHead(PixelClassifierHeadMixin, DeepLabV3PlusHead):
-    """DeepLabV3+ decoder (Detectron2's) + softmax or GMM classifier.
+    """DeepLabV3+ decoder (Detectron2's) + a classifier from ``MODEL.CLASSIFIER.NAME``.
 
     Registered as ``DeepLabV3PlusClassifierHead`` (Detectron2's own head holds
     the name ``DeepLabV3PlusHead``) and, for configs and checkpoints written
     before the rename, under its former name ``GMMSegDeepLabV3PlusHead``.
 
     Same contract as :class:`FCNHead`: training returns ``(None, losses)``
-    with ``"loss_sem_seg"`` (and ``"loss_gmm_component"`` for the GMM);
+    with ``"loss_sem_seg"`` and the classifier's own losses (``"loss_gmm_component"`` for the GMM);
     inference returns ``({"sem_seg": (B, C, H, W), "anomaly_score": (B, H, W)}, {})``
     at ``common_stride`` times the decoder resolution, i.e. the padded input size.
     """
@@ -76,13 +76,11 @@ class DeepLabV3PlusClassifierHead(PixelClassifierHeadMixin, DeepLabV3PlusHead):
         aspp_pooling: str = "global",
         train_size: Optional[Tuple[int, int]] = None,
         dropout: float = 0.0,
-        classifier: str = "softmax",
-        anomaly_score: str = "msp",
+        classifier: Optional[PixelClassifierBuilder] = None,
         loss_weight: float = 1.0,
         loss_type: str = "cross_entropy",
         ignore_value: int = 255,
         use_depthwise_separable_conv: bool = False,
-        gmm_kwargs: Optional[Dict] = None,
     ):
         """
         Args:
@@ -100,14 +98,13 @@ class DeepLabV3PlusClassifierHead(PixelClassifierHeadMixin, DeepLabV3PlusHead):
                 ``train_size / stride``; needs ``train_size``).
             train_size: ``(height, width)`` of the training crops, for "crop".
             dropout: dropout probability on the decoder output, before the classifier.
-            classifier: "softmax" (a 1x1 conv) or "gmm".
-            anomaly_score: softmax anomaly score, "msp", "max_logit" or "entropy"
-                (GMM classifiers always score by density).
+            classifier: called with the decoder's channels, returns the
+                ``predictor`` (see :func:`pixel_classifier_builder`); None: a
+                softmax 1x1 conv scoring anomalies by MSP.
             loss_weight: weight of the classification loss.
             loss_type: "cross_entropy" or "hard_pixel_mining" (Detectron2's
                 ``DeepLabCE`` on the top 20 % hardest pixels).
             ignore_value: target value excluded from the losses.
-            gmm_kwargs: arguments of :class:`GaussianMixtureClassifier`.
         """
         if in_features is not None:
             missing = [f for f in in_features if f not in input_shape]
@@ -117,7 +114,6 @@ class DeepLabV3PlusClassifierHead(PixelClassifierHeadMixin, DeepLabV3PlusHead):
             input_shape = {f: input_shape[f] for f in in_features}
         if len(input_shape) < 1:
             raise ValueError(f"{type(self).__name__} needs at least one input feature")
-        check_pixel_head_settings(classifier, anomaly_score)
         if aspp_pooling not in ASPP_POOLING_MODES:
             raise ValueError(f"Unknown MODEL.SEM_SEG_HEAD.ASPP_POOLING {aspp_pooling!r}; "
                              f"choose one of {ASPP_POOLING_MODES}")
@@ -150,13 +146,11 @@ class DeepLabV3PlusClassifierHead(PixelClassifierHeadMixin, DeepLabV3PlusHead):
             use_depthwise_separable_conv=use_depthwise_separable_conv,
         )
         self.num_classes = num_classes
-        self.anomaly_score_method = anomaly_score
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        gmm_kwargs = {"ignore_value": ignore_value, **(gmm_kwargs or {})}
         # Decoder features are at the smallest input stride (checked above).
         self.output_stride = common_stride
-        self.predictor = build_pixel_classifier(classifier, decoder_channels[0], num_classes,
-                                                gmm_kwargs)
+        classifier = classifier if classifier is not None else default_pixel_classifier(num_classes)
+        self.predictor = classifier(decoder_channels[0])
         if loss_type == "cross_entropy":
             self.loss = nn.CrossEntropyLoss(reduction="mean", ignore_index=ignore_value)
         else:
@@ -185,13 +179,11 @@ class DeepLabV3PlusClassifierHead(PixelClassifierHeadMixin, DeepLabV3PlusHead):
             "common_stride": head.COMMON_STRIDE,
             "norm": head.NORM,
             "dropout": head.DROPOUT,
-            "classifier": head.CLASSIFIER,
-            "anomaly_score": head.ANOMALY_SCORE,
+            "classifier": pixel_classifier_builder(cfg),
             "loss_weight": head.LOSS_WEIGHT,
             "loss_type": head.LOSS_TYPE,
             "ignore_value": head.IGNORE_VALUE,
             "use_depthwise_separable_conv": head.USE_DEPTHWISE_SEPARABLE_CONV,
-            "gmm_kwargs": gmm_kwargs_from_config(cfg),
         }
 
     def decoder_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:

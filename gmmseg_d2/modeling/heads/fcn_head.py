@@ -2,7 +2,7 @@
 
 ``NUM_CONVS`` 3x3 conv-norm-ReLU blocks on one backbone feature, an optional
 3x3 fusion of their output with the input (``CONCAT_INPUT``), dropout, then a
-per-pixel classifier selected by ``MODEL.SEM_SEG_HEAD.CLASSIFIER``.
+per-pixel classifier selected by ``MODEL.CLASSIFIER.NAME``.
 """
 from typing import Dict, Optional, Tuple
 
@@ -16,7 +16,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from .pixel_classifier import (
-    PixelClassifierHeadMixin, build_pixel_classifier, check_pixel_head_settings, gmm_kwargs_from_config,
+    PixelClassifierBuilder, PixelClassifierHeadMixin, default_pixel_classifier, pixel_classifier_builder,
 )
 
 __all__ = ["FCNHead"]
@@ -34,9 +34,9 @@ class FCNHead(PixelClassifierHeadMixin, nn.Module):
     """Fully convolutional head on a single backbone feature.
 
     Training returns ``(None, losses)``: ``"loss_sem_seg"``, the cross-entropy
-    of the logits upsampled to the (padded) input size, and for the GMM
-    classifier ``"loss_gmm_component"``, its component-level loss (the EM
-    step runs as part of computing it).
+    of the logits upsampled to the (padded) input size, and the classifier's
+    own losses (the GMM's ``"loss_gmm_component"``: its EM step runs as part
+    of computing it).
     Inference returns ``(outputs, {})`` where ``outputs`` holds, at the padded
     input size, ``"sem_seg"``: logits ``(B, C, H, W)`` and ``"anomaly_score"``:
     ``(B, H, W)`` (higher = more anomalous).
@@ -54,11 +54,9 @@ class FCNHead(PixelClassifierHeadMixin, nn.Module):
         concat_input: bool = True,
         dropout: float = 0.1,
         norm: str = "BN",
-        classifier: str = "softmax",
-        anomaly_score: str = "msp",
+        classifier: Optional[PixelClassifierBuilder] = None,
         loss_weight: float = 1.0,
         ignore_value: int = 255,
-        gmm_kwargs: Optional[Dict] = None,
     ):
         """
         Args:
@@ -70,24 +68,21 @@ class FCNHead(PixelClassifierHeadMixin, nn.Module):
             concat_input: fuse the convs' output with the input by a 3x3 conv.
             dropout: dropout probability before the classifier.
             norm: normalization of the convs ("" for none).
-            classifier: "softmax" (a 1x1 conv) or "gmm" (:class:`GaussianMixtureClassifier`).
-            anomaly_score: softmax anomaly score, one of "msp", "max_logit", "entropy"
-                (GMM classifiers always score by density, ``-max_c log p(x|c)``).
+            classifier: called with the channels of the final feature map,
+                returns the ``predictor`` (a ``SegmentationClassifier``, see
+                :func:`pixel_classifier_builder`); None: a softmax 1x1 conv
+                scoring anomalies by MSP.
             loss_weight: weight of the cross-entropy loss.
             ignore_value: target value excluded from the loss.
-            gmm_kwargs: arguments of :class:`GaussianMixtureClassifier` (the paper's
-                defaults when None); used when ``classifier == "gmm"``.
         """
         super().__init__()
         if in_feature not in input_shape:
             raise ValueError(f"FCNHead input feature {in_feature!r} is not a backbone output; "
                              f"available: {sorted(input_shape)}")
-        check_pixel_head_settings(classifier, anomaly_score)
         self.in_feature = in_feature
         self.num_classes = num_classes
         self.ignore_value = ignore_value
         self.loss_weight = loss_weight
-        self.anomaly_score_method = anomaly_score
 
         in_channels = input_shape[in_feature].channels
         self.output_stride = input_shape[in_feature].stride
@@ -101,8 +96,8 @@ class FCNHead(PixelClassifierHeadMixin, nn.Module):
         if self.conv_cat is not None:
             out_channels = conv_dims
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        gmm_kwargs = {"ignore_value": ignore_value, **(gmm_kwargs or {})}
-        self.predictor = build_pixel_classifier(classifier, out_channels, num_classes, gmm_kwargs)
+        classifier = classifier if classifier is not None else default_pixel_classifier(num_classes)
+        self.predictor = classifier(out_channels)
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -119,11 +114,9 @@ class FCNHead(PixelClassifierHeadMixin, nn.Module):
             "concat_input": head.CONCAT_INPUT,
             "dropout": head.DROPOUT,
             "norm": head.NORM,
-            "classifier": head.CLASSIFIER,
-            "anomaly_score": head.ANOMALY_SCORE,
+            "classifier": pixel_classifier_builder(cfg),
             "loss_weight": head.LOSS_WEIGHT,
             "ignore_value": head.IGNORE_VALUE,
-            "gmm_kwargs": gmm_kwargs_from_config(cfg),
         }
 
     def layers(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:

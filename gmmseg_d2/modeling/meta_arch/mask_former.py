@@ -22,7 +22,7 @@ from ..anomaly import (
     MASK_CLASSIFICATION_ANOMALY_SCORES, MASK_DENSITY_ANOMALY_SCORES, mask_classification_anomaly_score,
     mask_density_anomaly_score,
 )
-from ..gmm_mask_classification import build_mask_classification_criterion
+from ..criterion import SetCriterion
 from ..sliding_window import (
     blend_sliding_windows,
     sliding_window_args_from_config,
@@ -40,9 +40,10 @@ class MaskFormer(nn.Module):
     at the image's original size, where ``sem_seg = Σ_q softmax(cls_q)[:C] ·
     sigmoid(mask_q)`` and the anomaly score is one of
     :data:`~gmmseg_d2.modeling.anomaly.MASK_CLASSIFICATION_ANOMALY_SCORES` or, with
-    the GMM class head (``MODEL.MASK_FORMER.CLASSIFIER "gmm"``, see
-    :mod:`gmmseg_d2.modeling.gmm_mask_classification`), one of
-    :data:`~gmmseg_d2.modeling.anomaly.MASK_DENSITY_ANOMALY_SCORES`.
+    a classifier other than softmax (``MODEL.CLASSIFIER.NAME``, e.g. "gmm", see
+    :mod:`gmmseg_d2.modeling.classifiers.gmm`), one of
+    :data:`~gmmseg_d2.modeling.anomaly.MASK_DENSITY_ANOMALY_SCORES`: functions of
+    the classifier's per-query anomaly score (:meth:`query_anomaly_score`).
 
     Inference runs on the whole (padded) batch by default, or, with
     ``sliding_window`` (``TEST.SLIDING_WINDOW.*``, as
@@ -142,14 +143,16 @@ class MaskFormer(nn.Module):
 
         backbone = build_backbone(cfg)
         test = cfg.MODEL.MASK_FORMER.TEST
-        if test.ANOMALY_SCORE in MASK_DENSITY_ANOMALY_SCORES and cfg.MODEL.MASK_FORMER.CLASSIFIER != "gmm":
-            raise ValueError(f"MODEL.MASK_FORMER.TEST.ANOMALY_SCORE {test.ANOMALY_SCORE!r} needs the GMM class "
-                             "head (MODEL.MASK_FORMER.CLASSIFIER 'gmm')")
+        if test.ANOMALY_SCORE in MASK_DENSITY_ANOMALY_SCORES and cfg.MODEL.CLASSIFIER.NAME == "softmax":
+            raise ValueError(f"MODEL.MASK_FORMER.TEST.ANOMALY_SCORE {test.ANOMALY_SCORE!r} needs a per-query "
+                             "anomaly score of a generative classifier (MODEL.CLASSIFIER.NAME 'gmm', or "
+                             "'prototype' from projects/ProtoSeg); with softmax use one of "
+                             f"{MASK_CLASSIFICATION_ANOMALY_SCORES}")
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
         return {
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
-            "criterion": build_mask_classification_criterion(cfg, sem_seg_head),
+            "criterion": SetCriterion(cfg, classifier_loss_names=sem_seg_head.classifier.loss_names),
             "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES,
             "size_divisibility": cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY,
             "sem_seg_postprocess_before_inference": (
@@ -196,7 +199,7 @@ class MaskFormer(nn.Module):
                 raise ValueError("MaskFormer training needs per-class mask targets ('instances'); use "
                                  "INPUT.DATASET_MAPPER_NAME 'mask_former_semantic'")
             targets = self.prepare_targets([r["instances"].to(self.device) for r in batched_inputs], images)
-            losses = self.criterion(outputs, targets)
+            losses = self.criterion(outputs, targets, self.sem_seg_head.classifier)
             weights = self.criterion.weight_dict
             return {name: loss * weights[name] for name, loss in losses.items() if name in weights}
         return self.inference(outputs, batched_inputs, images)
@@ -217,7 +220,7 @@ class MaskFormer(nn.Module):
     def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
         mask_logits = F.interpolate(outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear",
                                     align_corners=False)
-        query_anomaly = self.query_density_anomaly(outputs)
+        query_anomaly = self.query_anomaly_for_rule(outputs)
         results = []
         for b, (class_logits, masks, record, image_size) in enumerate(
                 zip(outputs["pred_logits"], mask_logits, batched_inputs, images.image_sizes)):
@@ -255,8 +258,8 @@ class MaskFormer(nn.Module):
         ``(3, h, w)`` goes through backbone and ``sem_seg_head`` (padded to
         ``size_divisibility`` like a batch) and :meth:`semantic_inference` turns
         its queries into ``(C, h, w)`` scores and an ``(h, w)`` anomaly map
-        exactly as for a whole image (including the GMM densities of
-        :meth:`query_density_anomaly`).
+        exactly as for a whole image (including the per-query scores of
+        :meth:`query_anomaly_score`).
 
         The masks are combined with the classes at the window's input
         resolution whatever ``sem_seg_postprocess_before_inference`` says: the
@@ -267,7 +270,7 @@ class MaskFormer(nn.Module):
             win_h, win_w = crops[0].shape[-2:]
             batch = ImageList.from_tensors(crops, self.size_divisibility)
             outputs = self.sem_seg_head(self.backbone(batch.tensor))
-            query_anomaly = self.query_density_anomaly(outputs)
+            query_anomaly = self.query_anomaly_for_rule(outputs)
             predictions = []
             for index in range(len(crops)):
                 # One window's masks at a time: (Q, h, w) at full resolution is
@@ -282,29 +285,31 @@ class MaskFormer(nn.Module):
         return blend_sliding_windows(image, predict, self.window_size, self.window_stride, self.window_blending,
                                      self.gaussian_sigma, self.windows_per_batch)
 
-    @staticmethod
-    def query_density_anomaly(outputs: Dict) -> Optional[torch.Tensor]:
-        """``(B, Q)`` ``-max_c log p(e_q | c)`` over the real classes (not "no object")
-        for the GMM class head, None for the softmax one."""
-        gmm = outputs.get("pred_gmm")
-        if gmm is None:
+    def query_anomaly_score(self, outputs: Dict) -> torch.Tensor:
+        """``(B, Q)`` per-query anomaly score of the decoder's classifier (the GMM:
+        ``-max_c log p(e_q | c)`` over the real classes, not "no object")."""
+        return self.sem_seg_head.classifier.anomaly_score(outputs["pred_classifier"]).float()
+
+    def query_anomaly_for_rule(self, outputs: Dict) -> Optional[torch.Tensor]:
+        """:meth:`query_anomaly_score` when the anomaly rule needs it, else None."""
+        if self.anomaly_score_method not in MASK_DENSITY_ANOMALY_SCORES:
             return None
-        return -gmm.class_log_likelihood[..., :-1].float().amax(dim=-1)
+        return self.query_anomaly_score(outputs)
 
     def semantic_inference(self, class_logits: torch.Tensor, mask_logits: torch.Tensor,
                            query_anomaly: Optional[torch.Tensor] = None
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(Q, C+1)`` class logits, ``(Q, H, W)`` mask logits → ``(C, H, W)`` scores, ``(H, W)`` anomaly.
 
-        ``query_anomaly`` ``(Q,)`` (:meth:`query_density_anomaly`) is needed by
-        the density anomaly scores.
+        ``query_anomaly`` ``(Q,)`` (:meth:`query_anomaly_score`) is needed by
+        the per-query-score rules (``density_*``).
         """
         mask_probs = mask_logits.sigmoid()
         sem_seg = torch.einsum("qc,qhw->chw", F.softmax(class_logits, dim=-1)[:, :-1], mask_probs)
         if self.anomaly_score_method in MASK_DENSITY_ANOMALY_SCORES:
             if query_anomaly is None:
-                raise ValueError(f"anomaly score {self.anomaly_score_method!r} needs the GMM class head's "
-                                 "per-query densities (MODEL.MASK_FORMER.CLASSIFIER 'gmm')")
+                raise ValueError(f"anomaly score {self.anomaly_score_method!r} needs the classifier's "
+                                 "per-query anomaly scores (query_anomaly)")
             anomaly = mask_density_anomaly_score(class_logits, query_anomaly, mask_probs, self.anomaly_score_method)
         else:
             anomaly = mask_classification_anomaly_score(class_logits, mask_probs, self.anomaly_score_method)

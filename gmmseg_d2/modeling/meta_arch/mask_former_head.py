@@ -93,6 +93,11 @@ class MaskFormerHead(nn.Module):
             "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         }
 
+    @property
+    def classifier(self) -> nn.Module:
+        """The transformer decoder's class head (``predictor.class_embed``)."""
+        return self.predictor.class_embed
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         version = local_metadata.get("version", None)

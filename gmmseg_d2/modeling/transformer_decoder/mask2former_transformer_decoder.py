@@ -32,6 +32,7 @@ from detectron2.layers import Conv2d
 from detectron2.utils.registry import Registry
 
 from .position_encoding import PositionEmbeddingSine
+from ..classifiers import QUERY_IGNORE_LABEL, ClassifierOutput, LinearClassifier, build_classifier
 
 __all__ = [
     "TRANSFORMER_DECODER_REGISTRY",
@@ -262,14 +263,16 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     """Masked-attention decoder over three feature levels (Mask2Former).
 
     The class head ``class_embed`` is used in exactly one place,
-    :meth:`classify_queries`, on the normalised decoder output ``(B, Q, hidden_dim)``;
-    pass another module as ``class_embed`` (or override that method) to swap the
-    classifier without touching the decoder. Everything downstream consumes
-    only the ``pred_logits`` it returns. A head may also return an object with
-    a ``class_logits`` attribute (the GMM classifier's ``GMMClassifierOutput``,
-    built here when ``MODEL.MASK_FORMER.CLASSIFIER`` is ``"gmm"``): its
-    ``class_logits`` become ``pred_logits`` and the whole object is passed on
-    as ``pred_gmm`` beside them, in the final and in every auxiliary prediction.
+    :meth:`classify_queries`, on the normalised decoder output ``(B, Q, hidden_dim)``.
+    It is a query-level :class:`~gmmseg_d2.modeling.classifiers.SegmentationClassifier`
+    built from ``MODEL.CLASSIFIER.NAME`` (default: the softmax
+    :class:`~gmmseg_d2.modeling.classifiers.LinearClassifier`, Mask2Former's
+    ``nn.Linear(hidden_dim, C + 1)`` with the same keys). Every prediction dict
+    (final and auxiliary) holds its class logits as ``pred_logits`` and its
+    whole :class:`~gmmseg_d2.modeling.classifiers.ClassifierOutput` as
+    ``pred_classifier``, which the criterion hands back to the classifier for
+    its own losses. A plain module returning logits (e.g. an ``nn.Linear``)
+    works too.
     """
 
     # Version 2 renamed the learnable query features ``static_query`` -> ``query_feat``.
@@ -313,8 +316,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             mask_dim: channels of the per-pixel mask features.
             enforce_input_project: add the 1x1 input projections even when
                 ``in_channels == hidden_dim``.
-            class_embed: class head mapping ``(B, Q, hidden_dim)`` to logits
-                ``(B, Q, K)``; default ``nn.Linear(hidden_dim, num_classes + 1)``.
+            class_embed: class head mapping ``(B, Q, hidden_dim)`` to a
+                ``ClassifierOutput`` (or to logits) over ``K = num_classes + 1``
+                classes; default the softmax ``LinearClassifier(hidden_dim,
+                num_classes + 1, level="query")``.
         """
         super().__init__()
         if not mask_classification:
@@ -372,7 +377,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 # matching the official layout.
                 self.input_proj.append(nn.Sequential())
 
-        self.class_embed = class_embed if class_embed is not None else nn.Linear(hidden_dim, num_classes + 1)
+        # Built here, not in from_config, so that the default head draws its
+        # initial weights at the same point of the RNG stream as Mask2Former's.
+        self.class_embed = (class_embed if class_embed is not None
+                            else LinearClassifier(hidden_dim, num_classes + 1, level="query"))
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
 
     @classmethod
@@ -396,12 +404,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "enforce_input_project": mask_former.ENFORCE_INPUT_PROJ,
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
         }
-        classifier = cfg.MODEL.MASK_FORMER.get("CLASSIFIER", "softmax")
-        if classifier != "softmax":
-            # Imported here: the GMM mask classification module builds on the criterion.
-            from ..gmm_mask_classification import build_query_class_head
-
-            kwargs["class_embed"] = build_query_class_head(cfg, classifier)
+        if cfg.MODEL.CLASSIFIER.NAME != "softmax":
+            kwargs["class_embed"] = build_classifier(
+                cfg, in_channels=mask_former.HIDDEN_DIM, num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES + 1,
+                level="query", ignore_value=QUERY_IGNORE_LABEL)
         return kwargs
 
     def _load_from_state_dict(
@@ -513,26 +519,20 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "aux_outputs": self._set_aux_loss(predictions_class, predictions_mask),
         }
 
-    def classify_queries(self, decoder_output: Tensor):
-        """Class logits of the normalised queries: ``(B, Q, hidden) -> (B, Q, K)``.
-
-        The single use of ``class_embed``; the seam for other classifiers. A
-        head may return an object holding ``class_logits`` ``(B, Q, K)``
-        instead of the logits (see the class docstring).
-        """
-        return self.class_embed(decoder_output)
+    def classify_queries(self, decoder_output: Tensor) -> ClassifierOutput:
+        """The classifier's output on the normalised queries ``(B, Q, hidden)``,
+        logits ``(B, Q, K)``. The single use of ``class_embed``."""
+        output = self.class_embed(decoder_output)
+        return output if isinstance(output, ClassifierOutput) else ClassifierOutput(output)
 
     @staticmethod
-    def _prediction(class_output, masks: Tensor) -> Dict[str, object]:
-        """One prediction dict: ``pred_logits``, ``pred_masks`` and, for a head that
-        returns more than logits, ``pred_gmm`` (the head's whole output)."""
-        if isinstance(class_output, Tensor):
-            return {"pred_logits": class_output, "pred_masks": masks}
-        return {"pred_logits": class_output.class_logits, "pred_masks": masks, "pred_gmm": class_output}
+    def _prediction(class_output: ClassifierOutput, masks: Tensor) -> Dict[str, object]:
+        """One prediction dict: ``pred_logits``, ``pred_masks``, ``pred_classifier``."""
+        return {"pred_logits": class_output.class_logits, "pred_masks": masks, "pred_classifier": class_output}
 
     def forward_prediction_heads(
         self, output: Tensor, mask_features: Tensor, attn_mask_target_size: Tuple[int, int]
-    ) -> Tuple[Tensor, Tensor, Tensor]:
+    ) -> Tuple[ClassifierOutput, Tensor, Tensor]:
         """Predict classes and masks from the current queries.
 
         Args:
@@ -541,9 +541,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             attn_mask_target_size: ``(h, w)`` of the level the next layer attends to.
 
         Returns:
-            ``(class_logits (B, Q, K), mask_logits (B, Q, H_m, W_m), attn_mask)``
-            (``class_logits`` being whatever :meth:`classify_queries` returns)
-            with the boolean ``attn_mask (B * nheads, Q, h * w)`` True where the
+            ``(class_output, mask_logits (B, Q, H_m, W_m), attn_mask)``:
+            :meth:`classify_queries`' output (logits ``(B, Q, K)``), with the boolean ``attn_mask (B * nheads, Q, h * w)`` True where the
             mask, bilinearly resized to ``(h, w)``, has probability below 0.5
             (attention forbidden there). It is detached: no gradient flows
             through the masking.
@@ -573,7 +572,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         return attn_mask & ~attn_mask.all(dim=-1, keepdim=True)
 
     @torch.jit.unused
-    def _set_aux_loss(self, outputs_class: List[Tensor], outputs_seg_masks: List[Tensor]) -> List[Dict[str, Tensor]]:
+    def _set_aux_loss(self, outputs_class: List[ClassifierOutput],
+                      outputs_seg_masks: List[Tensor]) -> List[Dict[str, object]]:
         return [
             self._prediction(logits, masks)
             for logits, masks in zip(outputs_class[:-1], outputs_seg_masks[:-1])
