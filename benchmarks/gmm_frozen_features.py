@@ -45,7 +45,6 @@ from einops import rearrange  # noqa: E402
 import gmmseg_d2  # noqa: E402,F401  (registers the datasets and models)
 from gmmseg_d2.config import add_gmmseg_config  # noqa: E402
 from gmmseg_d2.modeling.gmm import GaussianMixtureClassifier  # noqa: E402
-from gmmseg_d2.modeling.heads.pixel_classifier import gmm_kwargs_from_config  # noqa: E402
 from gmmseg_d2.utils import read_label_map  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 
@@ -83,10 +82,10 @@ def evaluate(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Di
 def build_classifier(kind: str, cfg, in_channels: int, num_classes: int) -> nn.Module:
     if kind == "linear":
         return nn.Linear(in_channels, num_classes)
-    kwargs = gmm_kwargs_from_config(cfg)
+    kwargs = GaussianMixtureClassifier.from_config(cfg, in_channels=in_channels, num_classes=num_classes)
     if kind == "gmm_estep_all":
         kwargs["estep_samples"] = "all"
-    classifier = GaussianMixtureClassifier(in_channels=in_channels, num_classes=num_classes, **kwargs)
+    classifier = GaussianMixtureClassifier(**kwargs)
     if kind == "gmm_no_class_ln":
         classifier.class_norm = nn.Identity()
     return classifier

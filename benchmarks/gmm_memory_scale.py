@@ -420,7 +420,7 @@ def part_maskformer(args) -> dict:
         cfg.merge_from_file(os.path.join(configs, config))
         cfg.merge_from_list([*MASK2FORMER_OFFICIAL_SIZES,
                              "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "150", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "100",
-                             "MODEL.MASK_FORMER.GMM_MEMORY_SIZE", "5000", "MODEL.GMM.NUM_COMPONENTS", "8",
+                             "MODEL.GMM.QUERY.MEMORY_SIZE", "5000", "MODEL.GMM.NUM_COMPONENTS", "8",
                              "MODEL.DEVICE", str(device), *opts])
         seconds, model = _training_step_time(cfg, batch, device, args.repeats)
         memory = [m for m in model.modules() if hasattr(m, "chunk_sum") or hasattr(m, "features")

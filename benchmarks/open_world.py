@@ -15,8 +15,11 @@ and computes, on the *same* predictions:
     MSP, max logit, entropy, energy (per-pixel models) or MSP, max logit,
     entropy, RbA (Mask2Former);
   - the GMM head's own densities: ``density`` = ``-max_c log p(x|c)`` and
-    ``density_lse`` = ``-logsumexp_c log p(x|c)`` (per-pixel), the mask-level
-    rules ``density_mask_avg`` / ``density_min`` / ``density_max`` (Mask2Former);
+    ``density_lse`` = ``-logsumexp_c log p(x|c)`` (per-pixel); the prototype
+    classifier's (projects/ProtoSeg) ``proto_cosine`` = the negative best
+    cosine to any prototype; for Mask2Former the mask-level rules
+    ``density_mask_avg`` / ``density_min`` / ``density_max`` on the
+    classifier's per-query score (for prototypes: the negative best cosine);
   - the control: a class-conditional Gaussian fitted post hoc on the same
     model's pre-classifier features of the training split
     (``gaussian_shared``: pooled covariance = min-Mahalanobis ranking;
@@ -50,7 +53,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("fcn_R18", "deeplabv3plus_R18", "maskformer2_R18")
-CLASSIFIERS = ("softmax", "gmm")
+CLASSIFIERS = ("softmax", "gmm", "prototype")
+#: Each classifier's own anomaly score, as the per-pixel tables name it.
+CLASSIFIER_SCORES = {"gmm": "density", "prototype": "proto_cosine"}
+#: The prototype classifier lives in a project (configs, train_net.py, package).
+PROTOSEG_DIR = os.path.join("projects", "ProtoSeg")
 #: Run names that are not ``<family>_<classifier>``: the GMM Mask2Former's
 #: runs were recorded as gmmseg_maskformer2_R18_seed*, before its config
 #: file took the common ``<family>_<classifier>.yaml`` pattern.
@@ -60,12 +67,30 @@ TRAIN_SEM_SEG = "textures_sem_seg_train"
 ANOMALY_SPLITS = ("near_val", "far_val", "near_test", "far_test")
 REGIONS = ("all", "interior", "border")
 #: Scores whose test histograms are kept in the JSON (for the figure).
-HISTOGRAM_SCORES = ("density", "density_mask_avg", "msp", "gaussian_per_class")
+HISTOGRAM_SCORES = ("density", "proto_cosine", "density_mask_avg", "msp", "gaussian_per_class")
 HISTOGRAM_BINS = 60
 
 
 def config_for(family: str, classifier: str) -> str:
+    if classifier == "prototype":
+        return os.path.join(PROTOSEG_DIR, "configs", "textures", f"{family}_proto.yaml")
     return os.path.join("configs", "textures", f"{family}_{classifier}.yaml")
+
+
+def train_script(classifier: str) -> str:
+    return os.path.join(PROTOSEG_DIR, "train_net.py") if classifier == "prototype" else "tools/train_net.py"
+
+
+def extra_config(classifier: str):
+    """The project's ``add_*_config`` (and its registration) for ``setup_cfg``."""
+    if classifier != "prototype":
+        return ()
+    path = os.path.join(REPO_ROOT, PROTOSEG_DIR)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import protoseg
+
+    return (protoseg.add_protoseg_config,)
 
 
 def run_name(family: str, classifier: str, seed: int) -> str:
@@ -75,10 +100,10 @@ def run_name(family: str, classifier: str, seed: int) -> str:
 # --------------------------------------------------------------------- training
 
 
-def train(config: str, seed: int, output_dir: str, extra_opts: List[str]) -> float:
-    """Train with tools/train_net.py; returns the wall-clock seconds."""
+def train(config: str, seed: int, output_dir: str, extra_opts: List[str], script: str = "tools/train_net.py") -> float:
+    """Train with ``script`` (tools/train_net.py or a project's); returns the wall-clock seconds."""
     os.makedirs(output_dir, exist_ok=True)
-    command = [sys.executable, "tools/train_net.py", "--config-file", config,
+    command = [sys.executable, script, "--config-file", config,
                "SEED", str(seed), "OUTPUT_DIR", output_dir, *extra_opts]
     start = time.perf_counter()
     with open(os.path.join(output_dir, "train.log"), "w") as log:
@@ -143,17 +168,13 @@ class Scorer:
                 return outputs
 
             decoder.forward_features = capture
-            self.is_gmm = cfg.MODEL.MASK_FORMER.CLASSIFIER == "gmm"
         else:
             def hook(module, inputs, output):
-                features = inputs[0]
-                if not isinstance(module, torch.nn.Conv2d):
-                    features = features.permute(0, 3, 1, 2)  # the GMM classifier takes (B, h, w, C)
-                self.captured["features"] = features
+                self.captured["features"] = inputs[0]  # (B, C, h, w), whatever the classifier
                 self.captured["predictor_output"] = output
 
             model.sem_seg_head.predictor.register_forward_hook(hook)
-            self.is_gmm = cfg.MODEL.SEM_SEG_HEAD.CLASSIFIER == "gmm"
+        self.classifier = cfg.MODEL.CLASSIFIER.NAME
         self.gaussians: Dict[str, object] = {}
 
     # -- feature extraction ------------------------------------------------
@@ -200,8 +221,6 @@ class Scorer:
             MASK_CLASSIFICATION_ANOMALY_SCORES, MASK_DENSITY_ANOMALY_SCORES, mask_classification_anomaly_score,
             mask_density_anomaly_score,
         )
-        from gmmseg_d2.modeling.meta_arch.mask_former import MaskFormer
-
         height, width = record["height"], record["width"]
         scores: Dict[str, torch.Tensor] = {}
         with torch.no_grad():
@@ -218,8 +237,10 @@ class Scorer:
                 logits = torch.einsum("qc,qhw->chw", F.softmax(class_logits, dim=-1)[:, :-1], mask_probs)
                 for method in MASK_CLASSIFICATION_ANOMALY_SCORES:
                     scores[method] = mask_classification_anomaly_score(class_logits, mask_probs, method)
-                if self.is_gmm:
-                    query_anomaly = MaskFormer.query_density_anomaly(outputs)[0]
+                if self.classifier != "softmax":
+                    # The mask-level rules on the classifier's per-query score
+                    # (GMM: -max_c log p(e_q|c); prototypes: negative best cosine).
+                    query_anomaly = self.model.query_anomaly_score(outputs)[0]
                     for method in MASK_DENSITY_ANOMALY_SCORES:
                         scores[method] = mask_density_anomaly_score(class_logits, query_anomaly, mask_probs, method)
                 scores.update(self._gaussian_scores(padded, image_size))
@@ -236,9 +257,10 @@ class Scorer:
                 padded = (features.shape[2] * stride, features.shape[3] * stride)
                 if logits.shape[-2:] != (height, width) or padded[0] < height or padded[1] < width:
                     raise ValueError("the benchmark expects test images at their original size")
-                if self.is_gmm:
-                    scores["density"] = output["anomaly_score"].float()
-                    gmm = self.captured["predictor_output"]
+                if self.classifier != "softmax":
+                    scores[CLASSIFIER_SCORES[self.classifier]] = output["anomaly_score"].float()
+                if self.classifier == "gmm":
+                    gmm = self.captured["predictor_output"].details
                     lse = -torch.logsumexp(gmm.class_log_likelihood[0].float(), dim=-1)
                     scores["density_lse"] = self._to_image(lse, padded, (height, width))
                 scores.update(self._gaussian_scores(padded, (height, width)))
@@ -337,7 +359,7 @@ def records_with_images(dataset_name: str, image_format: str, limit: Optional[in
 
 
 def score_checkpoint(config: str, weights: str, output_dir: str, num_fit_images: int, border: int,
-                     extra_opts: List[str]) -> Dict:
+                     extra_opts: List[str], classifier: str = "gmm") -> Dict:
     from detectron2.checkpoint import DetectionCheckpointer
 
     import gmmseg_d2  # noqa: F401  (registers datasets and models)
@@ -345,7 +367,7 @@ def score_checkpoint(config: str, weights: str, output_dir: str, num_fit_images:
 
     args = argparse.Namespace(config_file=os.path.join(REPO_ROOT, config),
                               opts=["OUTPUT_DIR", output_dir, *extra_opts])
-    cfg = setup_cfg(args, default_setup_logging=False)
+    cfg = setup_cfg(args, default_setup_logging=False, extra_config=extra_config(classifier))
     model = Trainer.build_model(cfg)
     DetectionCheckpointer(model).load(weights)
     model.eval()
@@ -439,7 +461,7 @@ def format_tables(records: List[Dict], split_kind: str = "test") -> str:
 
 #: Scores shown by ``--summary``: the GMM's own density, MSP on the same
 #: logits, and the post-hoc Gaussian control.
-SUMMARY_SCORES = ("density", "density_mask_avg", "msp", "gaussian_per_class")
+SUMMARY_SCORES = ("density", "proto_cosine", "density_mask_avg", "msp", "gaussian_per_class")
 
 
 def format_summary(records: List[Dict], labels: List[str]) -> str:
@@ -485,7 +507,8 @@ def write_figure(records: List[Dict], family: str, classifier: str, seed: int, p
     if not match:
         return None
     record = match[0]
-    density = "density_mask_avg" if family.startswith("maskformer") else "density"
+    density = ("density_mask_avg" if family.startswith("maskformer")
+               else CLASSIFIER_SCORES.get(classifier, "density"))
     names = [n for n in (density, "msp", "gaussian_per_class")
              if n in record["anomaly"]["near_test"].get("_histograms", {})]
     figure, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 6), squeeze=False)
@@ -571,7 +594,7 @@ def main() -> None:
                         continue
                     if not os.path.exists(weights):
                         print(f"[open_world] {name}: training", flush=True)
-                        train_seconds = train(config, seed, output_dir, args.opts)
+                        train_seconds = train(config, seed, output_dir, args.opts, train_script(classifier))
                     else:
                         timing_path = os.path.join(output_dir, "train_seconds.json")
                         train_seconds = json.load(open(timing_path)) if os.path.exists(timing_path) else float("nan")
@@ -584,7 +607,7 @@ def main() -> None:
                     with open(os.path.join(output_dir, "eval_results.json")) as f:
                         record["sem_seg_val"] = json.load(f)["textures_sem_seg_val"]["sem_seg"]
                     record.update(score_checkpoint(config, weights, output_dir, args.num_fit_images,
-                                                   args.border, args.opts))
+                                                   args.border, args.opts, classifier))
                     atomic_json(json_path, record)
                     print(f"[open_world] {name}: mIoU(test) {record['sem_seg_test']['mIoU']:.2f}", flush=True)
     records = [r for r in load_records(recorded_dir) if r.get("tag", "") == args.tag]
