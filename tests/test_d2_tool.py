@@ -141,7 +141,7 @@ def test_script_path_stand_in_sees_our_keys_and_datasets(d2_tool, tmp_path):
         "cfg = get_cfg()\n"
         "cfg.merge_from_file(sys.argv[1])\n"
         "cfg.merge_from_list(sys.argv[3:])\n"
-        "open(sys.argv[2], 'w').write('|'.join([cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.MASK_FORMER.CLASSIFIER,\n"
+        "open(sys.argv[2], 'w').write('|'.join([cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.CLASSIFIER.NAME,\n"
         "    str(cfg.MODEL.GMM.EMBED_DIM), cfg.MODEL.DEVICE, str('textures_sem_seg_test' in DatasetCatalog.list())]))\n"
     )
     d2_tool.main(["--script", str(script), MASK_FORMER_CONFIG, str(out), "MODEL.GMM.EMBED_DIM", "32"])

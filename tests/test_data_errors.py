@@ -70,9 +70,16 @@ def test_unknown_config_key_is_a_clear_error():
 def test_unknown_classifier_is_a_clear_error(demo_cfg):
     from detectron2.modeling import build_model
 
-    demo_cfg.MODEL.SEM_SEG_HEAD.CLASSIFIER = "svm"
-    with pytest.raises(ValueError, match="Unknown MODEL.SEM_SEG_HEAD.CLASSIFIER 'svm'"):
+    demo_cfg.MODEL.CLASSIFIER.NAME = "svm"
+    with pytest.raises(KeyError, match=r"Unknown MODEL.CLASSIFIER.NAME 'svm'; registered classifiers: \[.*'gmm'.*'softmax'"):
         build_model(demo_cfg)
+
+
+def test_former_classifier_key_names_the_new_one():
+    from tests.conftest import DEMO_CONFIG
+
+    with pytest.raises(KeyError, match="MODEL.SEM_SEG_HEAD.CLASSIFIER was renamed to MODEL.CLASSIFIER.NAME"):
+        setup_cfg(_Args(DEMO_CONFIG, ["MODEL.SEM_SEG_HEAD.CLASSIFIER", "gmm"]), default_setup_logging=False)
 
 
 def test_missing_dataset_names_path_variable_and_layout(tmp_path, monkeypatch):

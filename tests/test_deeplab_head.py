@@ -1,4 +1,4 @@
-"""DeepLabV3+ head (softmax / GMM classifier) and the configs under configs/."""
+"""DeepLabV3+ head (softmax / GMM classifier behind the classifier seam) and the configs under configs/."""
 import glob
 import os
 
@@ -13,8 +13,9 @@ from detectron2.projects.deeplab import DeepLabV3PlusHead
 from einops import rearrange
 
 from gmmseg_d2.config import add_gmmseg_config
+from gmmseg_d2.modeling.classifiers import GMMClassifier, LinearClassifier
 from gmmseg_d2.modeling.gmm import GaussianMixtureClassifier
-from gmmseg_d2.modeling.heads import DeepLabV3PlusClassifierHead, GMMSegDeepLabV3PlusHead
+from gmmseg_d2.modeling.heads import DeepLabV3PlusClassifierHead, GMMSegDeepLabV3PlusHead, pixel_classifier_builder
 from tests.conftest import REPO_ROOT
 
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
@@ -40,6 +41,14 @@ def _features(batch=2, size=(6, 8), seed=0):
     h, w = size
     return {"res2": torch.randn(batch, 12, 4 * h, 4 * w, generator=generator),
             "res5": torch.randn(batch, 24, h, w, generator=generator)}
+
+
+def _builder(classifier, **gmm_kwargs):
+    """The head's ``classifier`` argument (``in_channels -> classifier``) for 5 classes."""
+    if classifier == "softmax":
+        return lambda in_channels: LinearClassifier(in_channels, 5)
+    return lambda in_channels: GMMClassifier(level="pixel", in_channels=in_channels, num_classes=5,
+                                             ignore_value=255, **gmm_kwargs)
 
 
 def _cfg(path):
@@ -100,9 +109,11 @@ def test_crop_pooling_rejects_test_sizes_like_detectron2_but_global_does_not():
 # ------------------------------------------------------------- both heads
 @pytest.mark.parametrize("classifier", ["softmax", "gmm"])
 def test_head_output_shapes(classifier):
-    gmm_kwargs = dict(embed_dim=8, num_components=3, memory_size=20)
-    head = _head(classifier=classifier, gmm_kwargs=gmm_kwargs, dropout=0.1).eval()
+    head = _head(classifier=_builder(classifier, embed_dim=8, num_components=3, memory_size=20),
+                 dropout=0.1).eval()
     assert isinstance(head.predictor, GaussianMixtureClassifier) == (classifier == "gmm")
+    assert isinstance(head.predictor, LinearClassifier) == (classifier == "softmax")
+    assert head.predictor.in_channels == 10  # the channels of the decoder output (decoder_channels[0], res2)
     with torch.no_grad():
         outputs, _ = head(_features(batch=3, size=(3, 5)))
     assert outputs["sem_seg"].shape == (3, 5, 48, 80)
@@ -112,8 +123,8 @@ def test_head_output_shapes(classifier):
 
 def test_gmm_head_losses_and_density_score():
     torch.manual_seed(0)
-    gmm_kwargs = dict(embed_dim=8, num_components=3, memory_size=20, update_interval=1)
-    head = _head(classifier="gmm", gmm_kwargs=gmm_kwargs).train()
+    head = _head(classifier=_builder("gmm", embed_dim=8, num_components=3, memory_size=20,
+                                     update_interval=1)).train()
     features = _features(size=(4, 4))
     targets = torch.randint(0, 5, (2, 64, 64))
     _, losses = head(features, targets)
@@ -125,8 +136,12 @@ def test_gmm_head_losses_and_density_score():
     head.eval()
     with torch.no_grad():
         outputs, _ = head(features)
-        direct = head.predictor(rearrange(head.decoder_features(features), "b c h w -> b h w c"))
+        # The algorithm on the channels-last decoder features, independently of the seam.
+        direct = GaussianMixtureClassifier.forward(
+            head.predictor, rearrange(head.decoder_features(features), "b c h w -> b h w c"))
     density = -direct.class_log_likelihood.amax(dim=-1)
+    torch.testing.assert_close(outputs["sem_seg"], F.interpolate(
+        rearrange(direct.class_logits, "b h w k -> b k h w"), size=(64, 64), mode="bilinear", align_corners=False))
     expected = F.interpolate(density[:, None], size=(64, 64), mode="bilinear",
                              align_corners=False)[:, 0]
     torch.testing.assert_close(outputs["anomaly_score"], expected)
@@ -137,7 +152,7 @@ def test_hard_pixel_mining_loss():
     features = _features(size=(4, 4))
     targets = torch.randint(0, 5, (2, 64, 64))
     _, losses = head(features, targets)
-    logits = F.interpolate(head.predictor(head.decoder_features(features)), size=(64, 64),
+    logits = F.interpolate(head.predictor(head.decoder_features(features)).class_logits, size=(64, 64),
                            mode="bilinear", align_corners=False)
     pixel_losses = F.cross_entropy(logits, targets, reduction="none").flatten()
     top = pixel_losses.topk(int(0.2 * pixel_losses.numel())).values
@@ -145,6 +160,7 @@ def test_hard_pixel_mining_loss():
 
 
 def test_head_argument_errors():
+    cfg = _cfg(os.path.join(CONFIG_DIR, "mosaic", "deeplabv3plus_R18_softmax.yaml"))
     with pytest.raises(ValueError, match="COMMON_STRIDE \\(8\\) must equal .* \\(4\\)"):
         _head(common_stride=8)
     with pytest.raises(ValueError, match="ASPP_POOLING 'image'"):
@@ -153,10 +169,13 @@ def test_head_argument_errors():
         _head(aspp_pooling="crop")
     with pytest.raises(ValueError, match="LOSS_TYPE 'focal'"):
         _head(loss_type="focal")
-    with pytest.raises(ValueError, match="CLASSIFIER 'linear'"):
-        _head(classifier="linear")
+    cfg.MODEL.CLASSIFIER.NAME = "linear"
+    with pytest.raises(KeyError, match=r"MODEL.CLASSIFIER.NAME 'linear'; registered classifiers: .*'gmm'.*'softmax'"):
+        _head(classifier=pixel_classifier_builder(cfg))
+    cfg.MODEL.CLASSIFIER.NAME = "softmax"
+    cfg.MODEL.SEM_SEG_HEAD.ANOMALY_SCORE = "odin"
     with pytest.raises(ValueError, match="ANOMALY_SCORE 'odin'"):
-        _head(anomaly_score="odin")
+        _head(classifier=pixel_classifier_builder(cfg))
     with pytest.raises(ValueError, match="not backbone outputs"):
         _head(in_features=["res2", "res4"])
 
@@ -188,7 +207,8 @@ def test_every_config_parses(path):
     assert cfg.MODEL.META_ARCHITECTURE == "PerPixelSegmentor"
     if not os.path.basename(path).startswith("Base-"):
         assert cfg.MODEL.SEM_SEG_HEAD.NAME in ("FCNHead", "DeepLabV3PlusClassifierHead")
-        assert cfg.MODEL.SEM_SEG_HEAD.CLASSIFIER == ("gmm" if "gmm" in path else "softmax")
+        assert cfg.MODEL.CLASSIFIER.NAME == ("gmm" if "gmm" in path else "softmax")
+    assert "CLASSIFIER" not in cfg.MODEL.SEM_SEG_HEAD  # the former key
     # Weights are local paths: nothing is downloaded at run time.
     assert "://" not in cfg.MODEL.WEIGHTS
 
@@ -238,10 +258,10 @@ def test_paper_configs_build_with_their_class_counts():
         num_classes = {"ade20k": 150, "cityscapes": 19, "coco_stuff": 171}[
             os.path.basename(os.path.dirname(path))]
         predictor = head.predictor
-        if isinstance(predictor, GaussianMixtureClassifier):
-            assert predictor.num_classes == num_classes, path
-        else:
-            assert predictor.out_channels == num_classes, path
+        assert isinstance(predictor, GMMClassifier if cfg.MODEL.CLASSIFIER.NAME == "gmm" else LinearClassifier), path
+        assert predictor.level == "pixel" and predictor.num_classes == num_classes, path
+        if isinstance(predictor, LinearClassifier):
+            assert predictor.weight.shape[0] == num_classes, path
 
 
 def test_former_registry_name_builds_the_same_head():

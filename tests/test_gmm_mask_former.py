@@ -1,4 +1,5 @@
-"""GMMSeg-Mask2Former: the GMM class head, query-level EM, checkpoint initialisation, density anomaly scores."""
+"""GMMSeg-Mask2Former: the GMM class head (``MODEL.CLASSIFIER.NAME: "gmm"`` at query level), query-level EM
+through SetCriterion's classifier losses, checkpoint initialisation, density anomaly scores."""
 import logging
 import math
 import os
@@ -13,9 +14,10 @@ from torch import nn
 from gmmseg_d2.modeling.anomaly import (
     DENSITY_AVG_FALLBACK_WEIGHT, MASK_DENSITY_ANOMALY_SCORES, mask_density_anomaly_score,
 )
-from gmmseg_d2.modeling.gmm_mask_classification import (
-    QUERY_IGNORE_LABEL, GMMSetCriterion, QueryGaussianMixtureClassifier, query_em_labels,
+from gmmseg_d2.modeling.classifiers import (
+    CLASSIFIER_REGISTRY, QUERY_IGNORE_LABEL, ClassifierOutput, GMMClassifier, LinearClassifier, build_classifier,
 )
+from gmmseg_d2.modeling.criterion import SetCriterion, query_class_labels
 from tests.conftest import REPO_ROOT
 from tests.test_mask_former import mean_loss_per_pass, mosaic_batches
 
@@ -70,32 +72,49 @@ def _toy_batch(size=64):
 # ----------------------------------------------------------------------------- head and losses
 
 
+def _query_head(cfg):
+    """The decoder's class head as the transformer decoder's from_config builds it."""
+    return build_classifier(cfg, in_channels=cfg.MODEL.MASK_FORMER.HIDDEN_DIM,
+                            num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES + 1, level="query",
+                            ignore_value=QUERY_IGNORE_LABEL)
+
+
 def test_config_key_lives_outside_the_official_block_and_selects_the_head():
     cfg = _cfg(SOFTMAX_CONFIG)
-    assert cfg.MODEL.MASK_FORMER.CLASSIFIER == "softmax"
-    assert isinstance(_build(cfg).sem_seg_head.predictor.class_embed, nn.Linear)
-    with pytest.raises(ValueError, match="CLASSIFIER"):
-        _build(_cfg(SOFTMAX_CONFIG, "MODEL.MASK_FORMER.CLASSIFIER", "linear"))
-    with pytest.raises(ValueError, match="GMM_MEMORY_SAMPLES"):
-        _build(_cfg(GMM_CONFIG, "MODEL.MASK_FORMER.GMM_MEMORY_SAMPLES", "some"))
-    with pytest.raises(ValueError, match="needs the GMM class head"):
+    assert cfg.MODEL.CLASSIFIER.NAME == "softmax"
+    head = _build(cfg).sem_seg_head.predictor.class_embed
+    # Mask2Former's nn.Linear(HIDDEN_DIM, C + 1), same parameter layout.
+    assert isinstance(head, LinearClassifier) and head.level == "query"
+    assert head.weight.shape == (9, 64) and head.bias.shape == (9,)
+    registered = sorted(name for name, _ in CLASSIFIER_REGISTRY)
+    assert {"gmm", "softmax"} <= set(registered)
+    with pytest.raises(KeyError, match=r"Unknown MODEL.CLASSIFIER.NAME 'linear'; registered classifiers: \[.*'gmm'"):
+        _build(_cfg(SOFTMAX_CONFIG, "MODEL.CLASSIFIER.NAME", "linear"))
+    with pytest.raises(ValueError, match=r"MODEL.GMM.QUERY.MEMORY_SAMPLES must be one of .*'some'"):
+        _build(_cfg(GMM_CONFIG, "MODEL.GMM.QUERY.MEMORY_SAMPLES", "some"))
+    with pytest.raises(ValueError, match="density_min.*needs a per-query anomaly score"):
         _build(_cfg(SOFTMAX_CONFIG, "MODEL.MASK_FORMER.TEST.ANOMALY_SCORE", "density_min"))
+    with pytest.raises(ValueError, match="MODEL.CLASSIFIER.QUERY.UPDATE_LAYERS must be one of"):
+        _build(_cfg(GMM_CONFIG, "MODEL.CLASSIFIER.QUERY.UPDATE_LAYERS", "first"))
 
 
 def test_gmm_head_shapes_losses_and_weight_dict(one_torch_thread):
     cfg = _cfg(GMM_CONFIG, *SMALL)
     model = _build(cfg).train()
     head = model.sem_seg_head.predictor.class_embed
-    assert isinstance(head, QueryGaussianMixtureClassifier)
+    assert isinstance(head, GMMClassifier) and head.level == "query"
+    assert model.sem_seg_head.classifier is head
     assert (head.num_classes, head.num_components, head.embed_dim, head.in_channels) == (9, 5, 64, 64)
-    assert head.memory.capacity == cfg.MODEL.MASK_FORMER.GMM_MEMORY_SIZE == 100
+    assert head.memory.capacity == cfg.MODEL.GMM.QUERY.MEMORY_SIZE == 100
     assert head.ignore_value == QUERY_IGNORE_LABEL
-    assert (head.estep_samples, head.memory_samples) == ("all", "all")  # GMM_MEMORY_SAMPLES "labelled"
+    assert (head.estep_samples, head.memory_samples) == ("all", "all")  # MEMORY_SAMPLES "labelled"
     # The query head's own defaults, not the per-pixel MODEL.GMM ones.
     assert (head.embedding, head.memory_init, head.bootstrap_empty_classes) == ("linear", "empty", True)
     assert head.memory.count.sum() == 0
-    assert model.criterion.classifier is head
-    # The classifier is owned by the decoder only: its state appears once.
+    # The criterion knows the classifier's loss names only; it gets the
+    # classifier at every call, and its state appears once, under the decoder.
+    assert model.criterion.classifier_loss_names == ("loss_gmm_component",)
+    assert not any(module is head for module in model.criterion.modules())
     assert not [k for k in model.state_dict() if k.startswith("criterion.") and k != "criterion.empty_weight"]
 
     batch = _toy_batch()
@@ -104,7 +123,9 @@ def test_gmm_head_shapes_losses_and_weight_dict(one_torch_thread):
     assert outputs["pred_logits"].shape == (2, 16, 9) and outputs["pred_masks"].shape == (2, 16, 16, 16)
     assert len(outputs["aux_outputs"]) == 3
     for prediction in [outputs] + outputs["aux_outputs"]:
-        gmm = prediction["pred_gmm"]
+        assert isinstance(prediction["pred_classifier"], ClassifierOutput)
+        gmm = prediction["pred_classifier"].details
+        assert torch.equal(prediction["pred_logits"], prediction["pred_classifier"].class_logits)
         assert gmm.embeddings.shape == (2, 16, 64)
         assert gmm.component_log_likelihood.shape == (2, 16, 9, 5)
         assert torch.equal(prediction["pred_logits"], gmm.class_logits)
@@ -119,7 +140,7 @@ def test_gmm_head_shapes_losses_and_weight_dict(one_torch_thread):
     assert all(torch.isfinite(v) for v in losses.values())
     weights = model.criterion.weight_dict
     assert all(weights[f"loss_gmm_component{s}"] == 1.0 for s in suffixes)
-    # em_step's loss already carries MODEL.GMM.CONTRASTIVE_LOSS_WEIGHT: CE over 45 components is ~log 45.
+    # The classifier's loss already carries MODEL.GMM.CONTRASTIVE_LOSS_WEIGHT: CE over 45 components is ~log 45.
     assert 0 < losses["loss_gmm_component"].item() < 0.01 * 2 * math.log(45)
     assert int(head.iteration) == 1  # one state update per step, aux layers leave the state alone
     sum(losses.values()).backward()
@@ -127,31 +148,52 @@ def test_gmm_head_shapes_losses_and_weight_dict(one_torch_thread):
 
 
 def test_query_head_embedding_and_memory_start_ignore_the_per_pixel_keys():
-    from gmmseg_d2.modeling.gmm_mask_classification import build_query_class_head
-
-    # MODEL.GMM.EMBEDDING / MEMORY_INIT / BOOTSTRAP_EMPTY_CLASSES are per-pixel keys.
+    # MODEL.GMM.EMBEDDING / MEMORY_INIT / BOOTSTRAP_EMPTY_CLASSES / MEMORY_SIZE /
+    # MAX_SAMPLES_PER_COMPONENT are per-pixel keys.
     cfg = _cfg(GMM_CONFIG, "MODEL.GMM.EMBEDDING", "conv_bn_relu", "MODEL.GMM.MEMORY_INIT", "random",
-               "MODEL.GMM.BOOTSTRAP_EMPTY_CLASSES", "False")
-    head = build_query_class_head(cfg)
+               "MODEL.GMM.BOOTSTRAP_EMPTY_CLASSES", "False", "MODEL.GMM.MEMORY_SIZE", "7",
+               "MODEL.GMM.MAX_SAMPLES_PER_COMPONENT", "3")
+    head = _query_head(cfg)
+    assert isinstance(head, GMMClassifier) and head.level == "query"
     assert (head.embedding, head.memory_init, head.bootstrap_empty_classes) == ("linear", "empty", True)
+    assert (head.memory.capacity, head.memory.max_new_per_component) == (100, 20)
     assert {k for k in head.state_dict() if k.startswith("projection.")} == {"projection.weight", "projection.bias"}
     # The query-level keys decide.
-    cfg = _cfg(GMM_CONFIG, "MODEL.MASK_FORMER.GMM_MEMORY_INIT", "random",
-               "MODEL.MASK_FORMER.GMM_BOOTSTRAP_EMPTY_CLASSES", "False")
-    head = build_query_class_head(cfg)
+    cfg = _cfg(GMM_CONFIG, "MODEL.GMM.QUERY.MEMORY_INIT", "random",
+               "MODEL.GMM.QUERY.BOOTSTRAP_EMPTY_CLASSES", "False", "MODEL.GMM.QUERY.MEMORY_SIZE", "6",
+               "MODEL.GMM.QUERY.MAX_SAMPLES_PER_COMPONENT", "2")
+    head = _query_head(cfg)
     assert (head.memory_init, head.bootstrap_empty_classes, head.embedding) == ("random", False, "linear")
+    assert (head.memory.capacity, head.memory.max_new_per_component) == (6, 2)
     assert (head.memory.count == head.memory.capacity).all() and head.memory.pending.all()
-    # Built from explicit arguments, the same defaults.
+    head = _query_head(_cfg(GMM_CONFIG, "MODEL.GMM.QUERY.EMBEDDING", "conv_bn_relu"))
+    assert head.embedding == "conv_bn_relu"
+    # MEMORY_SAMPLES "correct": the per-pixel rule (E-step by MODEL.GMM.E_STEP_SAMPLES,
+    # only correctly classified queries stored).
+    for estep in ("all", "correct"):
+        head = _query_head(_cfg(GMM_CONFIG, "MODEL.GMM.QUERY.MEMORY_SAMPLES", "correct",
+                                "MODEL.GMM.E_STEP_SAMPLES", estep))
+        assert (head.estep_samples, head.memory_samples) == (estep, "correct")
+    head = _query_head(_cfg(GMM_CONFIG, "MODEL.GMM.E_STEP_SAMPLES", "correct"))  # "labelled" overrides it
+    assert (head.estep_samples, head.memory_samples) == ("all", "all")
+    # Built from explicit arguments, the same defaults ("labelled" included).
     toy = _toy_classifier()
     assert (toy.embedding, toy.memory_init, toy.bootstrap_empty_classes) == ("linear", "empty", True)
+    assert (toy.estep_samples, toy.memory_samples, toy.ignore_value) == ("all", "all", QUERY_IGNORE_LABEL)
     assert _toy_classifier(embedding="conv_bn_relu").embedding == "conv_bn_relu"
+    assert GMMClassifier(in_channels=HIDDEN, num_classes=C + 1, level="query").memory.capacity == 5000
 
 
 def test_without_deep_supervision_only_the_final_component_loss():
     cfg = _cfg(GMM_CONFIG, "MODEL.MASK_FORMER.DEEP_SUPERVISION", "False")
     criterion = _build(cfg).criterion
-    assert not criterion.aux_component_loss
+    assert not criterion.aux_classifier_losses
     assert "loss_gmm_component" in criterion.weight_dict and "loss_gmm_component_0" not in criterion.weight_dict
+    # "all" layers: one update with every layer's queries, one loss, even with deep supervision.
+    criterion = _build(_cfg(GMM_CONFIG, "MODEL.CLASSIFIER.QUERY.UPDATE_LAYERS", "all")).criterion
+    assert criterion.update_layers == "all" and not criterion.aux_classifier_losses
+    assert "loss_gmm_component" in criterion.weight_dict and "loss_gmm_component_0" not in criterion.weight_dict
+    assert "loss_ce_0" in criterion.weight_dict
 
 
 # ----------------------------------------------------------------------------- query-level EM
@@ -176,18 +218,18 @@ class FixedMatcher(nn.Module):
 
 def _toy_classifier(**kwargs):
     torch.manual_seed(0)
-    return QueryGaussianMixtureClassifier(
-        in_channels=HIDDEN, num_classes=C + 1, embed_dim=D, num_components=M, memory_size=16,
-        ignore_value=QUERY_IGNORE_LABEL, **{"memory_kind": "ring", **kwargs})  # tests read the stored queries
+    return GMMClassifier(
+        level="query", in_channels=HIDDEN, num_classes=C + 1, embed_dim=D, num_components=M, memory_size=16,
+        **{"memory_kind": "ring", **kwargs})  # tests read the stored queries
 
 
-def _toy_criterion(classifier, indices, **kwargs):
+def _toy_criterion(indices, **kwargs):
     weight_dict = {"loss_ce": 1.0, "loss_mask": 1.0, "loss_dice": 1.0, "loss_gmm_component": 1.0,
                    "loss_gmm_component_0": 1.0}
-    return GMMSetCriterion(
+    return SetCriterion(
         num_classes=C, matcher=FixedMatcher(indices), weight_dict=weight_dict, eos_coef=0.1,
-        losses=["labels", "masks", "gmm"], num_points=16, oversample_ratio=3.0, importance_sample_ratio=0.75,
-        classifier=classifier, **kwargs)
+        losses=["labels", "masks"], num_points=16, oversample_ratio=3.0, importance_sample_ratio=0.75,
+        classifier_loss_names=GMMClassifier.loss_names, **kwargs)
 
 
 # Image 0: targets of classes (2, 0) matched to queries (3, 1); image 1: class 2 matched to query 0.
@@ -201,8 +243,8 @@ EXPECTED_LABELS = torch.tensor([[C, 0, C, 2], [2, C, C, C]])
 
 
 def _predictions(classifier, queries):
-    gmm = classifier(queries)
-    return {"pred_logits": gmm.class_logits, "pred_masks": torch.randn(2, Q, 8, 8), "pred_gmm": gmm}
+    output = classifier(queries)
+    return {"pred_logits": output.class_logits, "pred_masks": torch.randn(2, Q, 8, 8), "pred_classifier": output}
 
 
 def _make_every_query_correct(classifier, queries):
@@ -224,7 +266,7 @@ def _check_memory_holds_the_final_layers_labelled_queries(classifier, outputs):
     assert memory.count.sum(dim=1).tolist() == [1, 0, 2, 5]
     assert int(classifier.iteration) == 1
     # The stored features are exactly the final layer's embeddings of those queries.
-    embeddings = outputs["pred_gmm"].embeddings.detach()
+    embeddings = outputs["pred_classifier"].details.embeddings.detach()
     for c in (0, 2, 3):
         stored = torch.cat([memory.features[c, m, : memory.count[c, m]] for m in range(M)])
         expected = embeddings[EXPECTED_LABELS == c]
@@ -236,13 +278,16 @@ def _check_memory_holds_the_final_layers_labelled_queries(classifier, outputs):
 
 
 def test_matched_queries_land_in_their_class_memory_whether_classified_correctly_or_not():
-    """The query head's default (GMM_MEMORY_SAMPLES "labelled"): every labelled query is stored."""
-    classifier = _toy_classifier(estep_samples="all", memory_samples="all")
-    criterion = _toy_criterion(classifier, INDICES, no_object_ratio=-1.0)
+    """The query head's default (MEMORY_SAMPLES "labelled"): every labelled query is stored."""
+    classifier = _toy_classifier()
+    assert (classifier.estep_samples, classifier.memory_samples) == ("all", "all")
+    criterion = _toy_criterion(INDICES, no_object_ratio=-1.0)
     outputs = _predictions(classifier, torch.randn(2, Q, HIDDEN))
     assert not torch.equal(outputs["pred_logits"].argmax(-1), EXPECTED_LABELS)  # a fresh GMM errs
     outputs["aux_outputs"] = [_predictions(classifier, torch.randn(2, Q, HIDDEN))]
-    losses = criterion(outputs, TARGETS)
+    with pytest.raises(ValueError, match="need the classifier"):
+        criterion(outputs, TARGETS)
+    losses = criterion(outputs, TARGETS, classifier)
     assert {"loss_gmm_component", "loss_gmm_component_0"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
     # The unmatched queries' features went to the "no object" mixture (class C).
@@ -250,15 +295,16 @@ def test_matched_queries_land_in_their_class_memory_whether_classified_correctly
 
 
 def test_in_correct_mode_only_correctly_classified_queries_are_stored():
-    classifier = _toy_classifier(update_interval=1000)  # M-step at step 0 only
-    criterion = _toy_criterion(classifier, INDICES, no_object_ratio=-1.0)
+    # M-step at step 0 only; the per-pixel storage rule (MEMORY_SAMPLES "correct").
+    classifier = _toy_classifier(update_interval=1000, memory_samples="correct")
+    criterion = _toy_criterion(INDICES, no_object_ratio=-1.0)
     final_queries = torch.randn(2, Q, HIDDEN)
     _make_every_query_correct(classifier, final_queries)
     outputs = _predictions(classifier, final_queries)
     assert torch.equal(outputs["pred_logits"].argmax(-1), EXPECTED_LABELS)  # all correctly classified
     outputs["aux_outputs"] = [_predictions(classifier, torch.randn(2, Q, HIDDEN))]
 
-    criterion(outputs, TARGETS)
+    criterion(outputs, TARGETS, classifier)
     _check_memory_holds_the_final_layers_labelled_queries(classifier, outputs)
     # Sinkhorn spreads the queries of a class over distinct components, here
     # the ones their embedding sits on.
@@ -266,50 +312,59 @@ def test_in_correct_mode_only_correctly_classified_queries_are_stored():
 
     # A misclassified query is left out of the memory (once its class has a
     # memory: the bootstrap of empty classes is off here).
-    classifier = _toy_classifier(update_interval=1000, bootstrap_empty_classes=False)
-    criterion = _toy_criterion(classifier, INDICES, no_object_ratio=-1.0)
+    classifier = _toy_classifier(update_interval=1000, memory_samples="correct", bootstrap_empty_classes=False)
+    criterion = _toy_criterion(INDICES, no_object_ratio=-1.0)
     _make_every_query_correct(classifier, final_queries)
     with torch.no_grad():
         classifier.means[0] = -classifier.means[0]  # class 0's only query (image 0, query 1) now errs
     outputs = _predictions(classifier, final_queries)
     outputs["aux_outputs"] = []
     assert outputs["pred_logits"].argmax(-1)[0, 1] != 0
-    criterion(outputs, TARGETS)
+    criterion(outputs, TARGETS, classifier)
     assert classifier.memory.count.sum(dim=1).tolist() == [0, 0, 2, 5]
 
 
 def test_all_layers_mode_feeds_every_layer_in_one_update():
-    classifier = _toy_classifier(estep_samples="all")
-    criterion = _toy_criterion(classifier, INDICES, no_object_ratio=-1.0, memory_layers="all")
+    classifier = _toy_classifier(memory_samples="correct")
+    criterion = _toy_criterion(INDICES, no_object_ratio=-1.0, update_layers="all")
     queries = torch.randn(2, Q, HIDDEN)
     _make_every_query_correct(classifier, queries)
     outputs = _predictions(classifier, queries)
     outputs["aux_outputs"] = [_predictions(classifier, queries)]  # same queries: all correct again
-    losses = criterion(outputs, TARGETS)
+    losses = criterion(outputs, TARGETS, classifier)
     assert "loss_gmm_component" in losses and "loss_gmm_component_0" not in losses
     assert classifier.memory.count.sum(dim=1).tolist() == [2, 0, 4, 10]
     assert int(classifier.iteration) == 1
 
 
 def test_same_number_of_em_calls_whatever_the_matches(monkeypatch):
-    """Every em_step all-gathers: ranks must call it equally often, with or without targets."""
+    """Every state update all-gathers: ranks must call the classifier equally often, with or without targets."""
     classifier = _toy_classifier()
     calls = []
-    original = classifier.em_step
+    original_losses, original_em_step = classifier.losses, classifier.em_step
+
+    def counting_losses(outputs, labels, *, update):
+        calls.append((update, int((labels != QUERY_IGNORE_LABEL).sum())))
+        return original_losses(outputs, labels, update=update)
+
+    em_updates = []
 
     def counting_em_step(outputs, labels, *, update=True):
-        calls.append((update, int((labels != QUERY_IGNORE_LABEL).sum())))
-        return original(outputs, labels, update=update)
+        em_updates.append(update)
+        return original_em_step(outputs, labels, update=update)
 
+    monkeypatch.setattr(classifier, "losses", counting_losses)
     monkeypatch.setattr(classifier, "em_step", counting_em_step)
     queries = torch.randn(2, Q, HIDDEN)
 
     def run(indices, targets):
         calls.clear()
+        em_updates.clear()
         outputs = _predictions(classifier, queries)
         outputs["aux_outputs"] = [_predictions(classifier, queries)]
-        losses = _toy_criterion(classifier, indices)(outputs, targets)
+        losses = _toy_criterion(indices)(outputs, targets, classifier)
         assert all(torch.isfinite(v) for v in losses.values())
+        assert em_updates == [u for u, _ in calls]  # one EM step per classifier call
         return list(calls)
 
     with_targets = run(INDICES, TARGETS)
@@ -327,7 +382,7 @@ def test_no_object_subsample_size_and_reproducibility():
 
     def labels(ratio, num_queries=10, seed=0):
         torch.manual_seed(seed)
-        return query_em_labels(indices, targets, num_queries, C, ratio)
+        return query_class_labels(indices, targets, num_queries, C, ratio)
 
     one = labels(1.0)
     assert one[0, 3] == 2 and one[0, 1] == 0 and one[1, 0] == 2
@@ -359,7 +414,7 @@ def test_official_softmax_checkpoint_loads_all_but_the_class_head(tmp_path, capl
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     checkpointer = DetectionCheckpointer(model)
     checkpointer._parsed_url_during_load = None
-    with caplog.at_level(logging.WARNING, logger="gmmseg_d2.modeling.gmm_mask_classification"):
+    with caplog.at_level(logging.WARNING, logger="gmmseg_d2.modeling.classifiers.gmm"):
         incompatible = checkpointer._load_model(checkpointer._load_file(path))
 
     skipped = ["sem_seg_head.predictor.class_embed.weight", "sem_seg_head.predictor.class_embed.bias"]
@@ -437,7 +492,9 @@ def test_semantic_inference_and_density_anomaly_from_raw_predictions(one_torch_t
     semantic = torch.einsum("qc,qhw->chw", logits.softmax(-1)[:, :-1], masks)
     torch.testing.assert_close(outputs["density_mask_avg"]["sem_seg"], semantic)
     # Closed form of density_mask_avg from the raw per-query densities.
-    density = -predictions["pred_gmm"].class_log_likelihood[0, :, :8].amax(-1)  # (Q,)
+    density = -predictions["pred_classifier"].details.class_log_likelihood[0, :, :8].amax(-1)  # (Q,)
+    # What the meta-architecture reads through the seam.
+    torch.testing.assert_close(model.query_anomaly_score(predictions)[0], density)
     weight = (1 - logits.softmax(-1)[:, -1])[:, None, None] * masks
     eps = DENSITY_AVG_FALLBACK_WEIGHT
     expected = ((weight * density[:, None, None]).sum(0) + eps * density.max()) / (weight.sum(0) + eps)

@@ -25,7 +25,7 @@ TINY_OPTS = [
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", str(N), "SOLVER.WARMUP_ITERS", "4",
     "SOLVER.CHECKPOINT_PERIOD", str(N // 2),
     # A ring buffer that wraps, and M-steps every other step.
-    "MODEL.MASK_FORMER.GMM_MEMORY_SIZE", "4", "MODEL.GMM.UPDATE_INTERVAL", "2",
+    "MODEL.GMM.QUERY.MEMORY_SIZE", "4", "MODEL.GMM.UPDATE_INTERVAL", "2",
     "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0",
 ]
 

@@ -248,15 +248,14 @@ def test_a_ring_classifier_checkpoint_loads_into_a_stats_classifier():
 
 
 def test_the_query_head_takes_the_memory_kind_and_keeps_the_rings_moments():
-    from tests.test_gmm_mask_former import GMM_CONFIG, _cfg
-
-    from gmmseg_d2.modeling.gmm_mask_classification import build_query_class_head
+    from tests.test_gmm_mask_former import GMM_CONFIG, _cfg, _query_head
 
     heads = {}
     for kind in ("ring", "stats"):
         torch.manual_seed(0)
-        heads[kind] = build_query_class_head(_cfg(GMM_CONFIG, "MODEL.GMM.MEMORY_KIND", kind,
-                                                  "MODEL.MASK_FORMER.GMM_MEMORY_SIZE", "40"))
+        heads[kind] = _query_head(_cfg(GMM_CONFIG, "MODEL.GMM.MEMORY_KIND", kind,
+                                       "MODEL.GMM.QUERY.MEMORY_SIZE", "40"))
+    assert all(head.level == "query" and head.memory.capacity == 40 for head in heads.values())
     assert isinstance(heads["stats"].memory, ClassComponentStatsMemory)
     assert isinstance(heads["ring"].memory, ClassComponentMemory)
     num_classes = heads["ring"].num_classes  # C + 1 ("no object")
@@ -266,7 +265,7 @@ def test_the_query_head_takes_the_memory_kind_and_keeps_the_rings_moments():
         queries = torch.randn(24, heads["ring"].in_channels, generator=generator)
         labels = torch.randint(0, num_classes, (24,), generator=generator)
         for head in heads.values():
-            head.em_step(head(queries), labels)
+            head.losses(head(queries), labels, update=True)  # the seam's call: the EM step
         torch.testing.assert_close(heads["stats"].means, heads["ring"].means, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(heads["stats"].stds, heads["ring"].stds, atol=1e-5, rtol=1e-5)
     # Before any window wraps the chunks hold exactly the ring's samples.

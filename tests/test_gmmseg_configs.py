@@ -33,7 +33,7 @@ GMMSEG_CONFIGS = {
         (171, 80000, (640, 640)),
 }
 
-#: The GMM classifier's (QueryGaussianMixtureClassifier) parameters and buffers,
+#: The GMM classifier's (GMMClassifier at query level) parameters and buffers,
 #: relative to the decoder's class head.
 CLASS_HEAD = "sem_seg_head.predictor.class_embed."
 GMM_PARAMETERS = {"projection.weight", "projection.bias", "embedding_norm.weight", "embedding_norm.bias",
@@ -67,12 +67,15 @@ def test_gmm_head_and_paper_recipe(rel_path):
     num_classes, max_iter, crop = GMMSEG_CONFIGS[rel_path]
     cfg = load(rel_path)
     assert cfg.MODEL.META_ARCHITECTURE == "MaskFormer"
-    assert cfg.MODEL.MASK_FORMER.CLASSIFIER == "gmm"
+    assert cfg.MODEL.CLASSIFIER.NAME == "gmm"
     assert cfg.MODEL.MASK_FORMER.TEST.ANOMALY_SCORE == "density_mask_avg"
     assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == num_classes
     # The paper's GMM: the defaults (D 64, M 5, ...) and the default query memory.
     assert (cfg.MODEL.GMM.EMBED_DIM, cfg.MODEL.GMM.NUM_COMPONENTS) == (64, 5)
-    assert cfg.MODEL.MASK_FORMER.GMM_MEMORY_SIZE == 5000
+    assert cfg.MODEL.GMM.QUERY.MEMORY_SIZE == 5000
+    assert (cfg.MODEL.GMM.QUERY.MEMORY_SAMPLES, cfg.MODEL.GMM.QUERY.MEMORY_INIT, cfg.MODEL.GMM.QUERY.EMBEDDING) == (
+        "labelled", "empty", "linear")
+    assert (cfg.MODEL.CLASSIFIER.QUERY.UPDATE_LAYERS, cfg.MODEL.CLASSIFIER.QUERY.NO_OBJECT_RATIO) == ("last", 1.0)
 
     solver = cfg.SOLVER
     assert (solver.OPTIMIZER, solver.BASE_LR, solver.WEIGHT_DECAY, solver.IMS_PER_BATCH) == ("ADAMW", 1e-4, 0.05, 16)
@@ -105,7 +108,7 @@ def test_ade20k_r50_gmm_model_differs_from_softmax_only_in_the_class_head(one_to
 
     # A 4-slot memory instead of 5000 (151 x 5 x 5000 x 64 floats = 0.97 GB).
     gmm_cfg = load("ade20k/semantic-segmentation/gmmseg/gmmseg_maskformer2_R50_bs16_160k_res640.yaml",
-                   "MODEL.DEVICE", "cpu", "MODEL.MASK_FORMER.GMM_MEMORY_SIZE", "4")
+                   "MODEL.DEVICE", "cpu", "MODEL.GMM.QUERY.MEMORY_SIZE", "4")
     softmax_cfg = load("ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml", "MODEL.DEVICE", "cpu")
     torch.manual_seed(0)
     gmm = build_model(gmm_cfg)
@@ -145,7 +148,7 @@ def test_cityscapes_r50_gmm_model_reads_the_sliding_window(one_torch_thread):
     from detectron2.modeling import build_model
 
     cfg = load("cityscapes/semantic-segmentation/gmmseg/gmmseg_maskformer2_R50_bs16_90k.yaml",
-               "MODEL.DEVICE", "cpu", "MODEL.MASK_FORMER.GMM_MEMORY_SIZE", "4")
+               "MODEL.DEVICE", "cpu", "MODEL.GMM.QUERY.MEMORY_SIZE", "4")
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     assert model.sliding_window and model.window_size == (1024, 1024) and model.window_stride == (768, 768)

@@ -13,7 +13,8 @@ from detectron2.modeling import build_model
 from einops import rearrange
 
 from gmmseg_d2.modeling import softmax_anomaly_score
-from gmmseg_d2.modeling.heads import FCNHead
+from gmmseg_d2.modeling.classifiers import ClassifierOutput, GMMClassifier, LinearClassifier
+from gmmseg_d2.modeling.heads import FCNHead, pixel_classifier_builder
 from tests.conftest import REPO_ROOT
 
 
@@ -25,6 +26,11 @@ def _head(**overrides):
                   in_feature="res5", conv_dims=8, num_convs=2, norm="", dropout=0.0)
     kwargs.update(overrides)
     return FCNHead(**kwargs)
+
+
+def _softmax(anomaly_method="msp", num_classes=5):
+    """A head's ``classifier`` builder: ``in_channels -> LinearClassifier``."""
+    return lambda in_channels: LinearClassifier(in_channels, num_classes, anomaly_method=anomaly_method)
 
 
 def test_softmax_anomaly_scores_match_closed_forms():
@@ -48,8 +54,15 @@ def test_fcn_head_training_loss_is_cross_entropy_at_target_size():
     targets = torch.randint(0, 5, (2, 32, 32))
     targets[0, :8] = 255
     _, losses = head(features, targets)
+    # Without a classifier builder: the softmax 1x1 conv, N(0, 0.01) weights and zero bias.
+    assert isinstance(head.predictor, LinearClassifier) and head.predictor.level == "pixel"
+    assert head.predictor.weight.shape == (5, 8, 1, 1) and not head.predictor.bias.any()
+    assert set(losses) == {"loss_sem_seg"}  # the softmax classifier has no losses of its own
     with torch.no_grad():
-        logits = head.predictor(head.layers(features))
+        output = head.predictor(head.layers(features))
+    assert isinstance(output, ClassifierOutput) and output.details is None
+    logits = output.class_logits
+    torch.testing.assert_close(logits, F.conv2d(head.layers(features), head.predictor.weight, head.predictor.bias))
     expected = F.cross_entropy(F.interpolate(logits, size=(32, 32), mode="bilinear",
                                              align_corners=False), targets, ignore_index=255)
     torch.testing.assert_close(losses["loss_sem_seg"], expected)
@@ -57,7 +70,7 @@ def test_fcn_head_training_loss_is_cross_entropy_at_target_size():
 
 @pytest.mark.parametrize("method", ["msp", "max_logit", "entropy"])
 def test_fcn_head_inference_outputs(method):
-    head = _head(anomaly_score=method, concat_input=False).eval()
+    head = _head(classifier=_softmax(method), concat_input=False).eval()
     with torch.no_grad():
         outputs, losses = head({"res5": torch.randn(3, 16, 4, 6)})
     assert losses == {}
@@ -67,13 +80,36 @@ def test_fcn_head_inference_outputs(method):
                                softmax_anomaly_score(outputs["sem_seg"], method, dim=1))
 
 
-def test_fcn_head_rejects_unknown_names():
-    with pytest.raises(ValueError, match="Unknown MODEL.SEM_SEG_HEAD.CLASSIFIER .linear.*gmm"):
-        _head(classifier="linear")
+def test_fcn_head_rejects_unknown_names(demo_cfg):
+    demo_cfg.MODEL.CLASSIFIER.NAME = "linear"
+    with pytest.raises(KeyError, match=r"Unknown MODEL.CLASSIFIER.NAME .linear.; registered classifiers: .*gmm"):
+        _head(classifier=pixel_classifier_builder(demo_cfg))
+    demo_cfg.MODEL.CLASSIFIER.NAME = "softmax"
+    demo_cfg.MODEL.SEM_SEG_HEAD.ANOMALY_SCORE = "odin"
+    with pytest.raises(ValueError, match="Unknown MODEL.SEM_SEG_HEAD.ANOMALY_SCORE 'odin'"):
+        _head(classifier=pixel_classifier_builder(demo_cfg))
     with pytest.raises(ValueError, match="Unknown MODEL.SEM_SEG_HEAD.ANOMALY_SCORE"):
-        _head(anomaly_score="odin")
+        _head(classifier=_softmax("odin"))
     with pytest.raises(ValueError, match="not a backbone output"):
         _head(in_feature="res4")
+
+
+def test_classifier_builder_reads_the_config(demo_cfg):
+    """MODEL.CLASSIFIER.NAME picks the predictor, MODEL.SEM_SEG_HEAD the classes, ignore value, anomaly score."""
+    demo_cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 5
+    demo_cfg.MODEL.SEM_SEG_HEAD.ANOMALY_SCORE = "entropy"
+    head = _head(classifier=pixel_classifier_builder(demo_cfg))
+    assert isinstance(head.predictor, LinearClassifier)
+    assert (head.predictor.in_channels, head.predictor.num_classes, head.predictor.anomaly_method) == (8, 5, "entropy")
+    demo_cfg.MODEL.CLASSIFIER.NAME = "gmm"
+    demo_cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 7
+    demo_cfg.MODEL.GMM.EMBED_DIM = 12
+    head = _head(classifier=pixel_classifier_builder(demo_cfg))
+    assert isinstance(head.predictor, GMMClassifier) and head.predictor.level == "pixel"
+    assert (head.predictor.in_channels, head.predictor.num_classes, head.predictor.embed_dim,
+            head.predictor.ignore_value) == (8, 5, 12, 7)
+    # The per-pixel GMM keeps the per-pixel MODEL.GMM keys (the query ones are for Mask2Former).
+    assert head.predictor.memory.capacity == demo_cfg.MODEL.GMM.MEMORY_SIZE
 
 
 def test_segmentor_outputs_at_original_resolution(demo_cfg):
@@ -106,18 +142,28 @@ def test_segmentor_training_returns_named_losses(demo_cfg):
 # --------------------------------------------------------------------- GMM head
 def _gmm_head(embed_dim=8, **overrides):
     gmm_kwargs = dict(embed_dim=embed_dim, num_components=3, memory_size=50, update_interval=1)
-    return _head(classifier="gmm", gmm_kwargs=gmm_kwargs, **overrides)
+
+    def classifier(in_channels):
+        return GMMClassifier(level="pixel", in_channels=in_channels, num_classes=5, ignore_value=255, **gmm_kwargs)
+
+    return _head(classifier=classifier, **overrides)
 
 
 def test_gmm_head_shapes_and_density_anomaly_score():
     from gmmseg_d2.modeling.gmm import GaussianMixtureClassifier
 
     head = _gmm_head().eval()
-    assert isinstance(head.predictor, GaussianMixtureClassifier)
+    assert isinstance(head.predictor, GMMClassifier) and isinstance(head.predictor, GaussianMixtureClassifier)
     features = {"res5": torch.randn(2, 16, 4, 6)}
     with torch.no_grad():
         outputs, _ = head(features)
-        direct = head.predictor(rearrange(head.layers(features), "b c h w -> b h w c"))
+        output = head.predictor(head.layers(features))
+        # The algorithm on the channels-last features, independently of the seam.
+        direct = GaussianMixtureClassifier.forward(head.predictor, rearrange(head.layers(features),
+                                                                             "b c h w -> b h w c"))
+    assert direct.class_logits.shape == (2, 4, 6, 5)
+    torch.testing.assert_close(output.details.class_log_likelihood, direct.class_log_likelihood)
+    torch.testing.assert_close(output.class_logits, rearrange(direct.class_logits, "b h w k -> b k h w"))
     assert outputs["sem_seg"].shape == (2, 5, 32, 48)
     assert outputs["anomaly_score"].shape == (2, 32, 48)
     # The score is -max_c log p(x|c) at feature resolution, then upsampled.
@@ -235,7 +281,7 @@ def test_gmm_model_learns_and_fills_memory_on_mosaic_batches(demo_cfg, small_mos
             images = torch.stack([s["image"] for s in batch]).float()
             images = (images - model.pixel_mean) / model.pixel_std
             feature_map = model.sem_seg_head.layers(model.backbone(images))
-            per_batch.append(classifier(rearrange(feature_map, "b c h w -> b h w c")).embeddings)
+            per_batch.append(classifier(feature_map).details.embeddings)  # (B, h, w, D)
         embeddings = torch.cat(per_batch)
     small_labels = F.interpolate(labels[:, None].float(), size=embeddings.shape[1:3], mode="nearest")[:, 0].long()
     class_means = {c: F.normalize(embeddings[small_labels == c].mean(0), dim=0) for c in fed}

@@ -234,8 +234,12 @@ def test_forward_equals_independent_reference(pre_norm):
         out = decoder(features, mask_features)
         expected = reference_decoder(decoder, features, mask_features, pre_norm)
 
-    assert set(out) == {"pred_logits", "pred_masks", "aux_outputs"}
+    assert set(out) == {"pred_logits", "pred_masks", "pred_classifier", "aux_outputs"}
     assert out["pred_logits"].shape == (2, QUERIES, CLASSES + 1)
+    # The class head's whole output rides along; its logits are pred_logits.
+    for prediction in [out] + out["aux_outputs"]:
+        assert prediction["pred_classifier"].class_logits is prediction["pred_logits"]
+        assert prediction["pred_classifier"].details is None  # the softmax head has no details
     assert out["pred_masks"].shape == (2, QUERIES, *MASK_SIZE)
     assert len(out["aux_outputs"]) == 4
     got = [(a["pred_logits"], a["pred_masks"]) for a in out["aux_outputs"]]
@@ -255,7 +259,7 @@ def test_first_prediction_comes_from_the_learnable_queries_alone():
     with torch.no_grad():
         first = decoder(features, mask_features)["aux_outputs"][0]
         normed = decoder.decoder_norm(decoder.query_feat.weight)  # (Q, hidden), same for every image
-        logits = decoder.class_embed(normed)
+        logits = decoder.class_embed(normed).class_logits
         masks = torch.einsum("qc,bchw->bqhw", decoder.mask_embed(normed), mask_features)
     torch.testing.assert_close(first["pred_logits"], logits.expand(2, -1, -1))
     torch.testing.assert_close(first["pred_masks"], masks)

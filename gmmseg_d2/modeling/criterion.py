@@ -230,16 +230,25 @@ class SetCriterion(nn.Module):
             main_weights = dict(weight_dict)
             for i in range(mask_former.DEC_LAYERS - 1):
                 weight_dict.update({f"{name}_{i}": weight for name, weight in main_weights.items()})
-        query = cfg.MODEL.CLASSIFIER.QUERY
-        aux_classifier_losses = bool(mask_former.DEEP_SUPERVISION) and query.UPDATE_LAYERS == "last"
+        classifier = cfg.MODEL.get("CLASSIFIER")
+        if classifier is None:
+            # A config with Mask2Former's keys only: the softmax head, which has
+            # no losses of its own; the query settings keep their defaults.
+            if classifier_loss_names:
+                raise KeyError(f"SetCriterion: the classifier's losses {tuple(classifier_loss_names)} need "
+                               "MODEL.CLASSIFIER.QUERY (gmmseg_d2.config.add_gmmseg_config)")
+            update_layers, no_object_ratio = "last", 1.0
+        else:
+            update_layers, no_object_ratio = classifier.QUERY.UPDATE_LAYERS, classifier.QUERY.NO_OBJECT_RATIO
+        aux_classifier_losses = bool(mask_former.DEEP_SUPERVISION) and update_layers == "last"
         for name in classifier_loss_names:
             weight_dict[name] = 1.0
             if aux_classifier_losses:
                 weight_dict.update({f"{name}_{i}": 1.0 for i in range(mask_former.DEC_LAYERS - 1)})
         return {
             "classifier_loss_names": tuple(classifier_loss_names),
-            "no_object_ratio": query.NO_OBJECT_RATIO,
-            "update_layers": query.UPDATE_LAYERS,
+            "no_object_ratio": no_object_ratio,
+            "update_layers": update_layers,
             "aux_classifier_losses": aux_classifier_losses,
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             "matcher": matcher if matcher is not None else HungarianMatcher(cfg),

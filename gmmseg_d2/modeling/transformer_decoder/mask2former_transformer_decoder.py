@@ -404,7 +404,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "enforce_input_project": mask_former.ENFORCE_INPUT_PROJ,
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
         }
-        if cfg.MODEL.CLASSIFIER.NAME != "softmax":
+        # A config with Mask2Former's keys only (no MODEL.CLASSIFIER) keeps the linear head.
+        classifier = cfg.MODEL.get("CLASSIFIER")
+        if classifier is not None and classifier.NAME != "softmax":
             kwargs["class_embed"] = build_classifier(
                 cfg, in_channels=mask_former.HIDDEN_DIM, num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES + 1,
                 level="query", ignore_value=QUERY_IGNORE_LABEL)
