@@ -26,13 +26,13 @@ from ..data.dataset_mappers import MaskFormerSemanticDatasetMapper, PerPixelSema
 from ..data.datasets.folder import configure_folder_dataset
 from ..evaluation import AnomalyEvaluator, build_cityscapes_sem_seg_evaluator
 from ..solver import build_lr_scheduler, build_optimizer
-from ..utils import read_label_map
+from ..utils import format_results_table, read_label_map
 from .checkpointer import AtomicDetectionCheckpointer, atomic_write_bytes, remove_orphan_temporaries
 from ..data.samplers import WEIGHTED_SAMPLERS, build_weighted_training_stream
 from ..data.training_stream import ResumableTrainingStream, find_stream
 from .resumable import IterationSeedHook
 
-__all__ = ["Trainer", "setup_cfg", "training_seed", "write_eval_results"]
+__all__ = ["Trainer", "run_train_net", "setup_cfg", "training_seed", "write_eval_results"]
 
 EVAL_RESULTS_FILE = "eval_results.json"
 
@@ -237,3 +237,27 @@ class Trainer(DefaultTrainer):
             path = write_eval_results(results, cfg.OUTPUT_DIR)
             logging.getLogger(__name__).info(f"Wrote evaluation results to {path}")
         return results
+
+
+def run_train_net(args, *, extra_config: Sequence[Callable[[CfgNode], None]] = ()) -> Optional[Dict]:
+    """What a ``train_net.py`` does in each process: train (and evaluate) or, with
+    ``--eval-only``, evaluate ``MODEL.WEIGHTS``; prints the results table.
+
+    Shared by ``tools/train_net.py`` and the projects' scripts, which pass
+    their ``add_*_config`` as ``extra_config``.
+    """
+    cfg = setup_cfg(args, extra_config=extra_config)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        # DefaultTrainer's EvalHook evaluates after the last iteration (via
+        # Trainer.test, which also writes eval_results.json).
+        results = trainer.train()
+    if comm.is_main_process() and results:
+        print(format_results_table({cfg.OUTPUT_DIR: results}), flush=True)
+    return results

@@ -14,31 +14,17 @@ import warnings
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
 
 from detectron2.engine import default_argument_parser, launch  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
 
 import gmmseg_d2  # noqa: E402,F401  (registers datasets, models)
 # This script's directory is on sys.path (also in the processes `launch`
 # spawns, which inherit it): importing the package registers "prototype".
 import protoseg  # noqa: E402
-from gmmseg_d2.engine import AtomicDetectionCheckpointer, Trainer, setup_cfg  # noqa: E402
-from gmmseg_d2.utils import format_results_table  # noqa: E402
+from gmmseg_d2.engine import run_train_net  # noqa: E402
 
 
 def main(args):
     # MODEL.PROTO.* is added after gmmseg_d2's keys and before the YAML merge.
-    cfg = setup_cfg(args, extra_config=(protoseg.add_protoseg_config,))
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume)
-        results = Trainer.test(cfg, model)
-    else:
-        trainer = Trainer(cfg)
-        trainer.resume_or_load(resume=args.resume)
-        results = trainer.train()
-    if comm.is_main_process() and results:
-        print(format_results_table({cfg.OUTPUT_DIR: results}), flush=True)
-    return results
+    return run_train_net(args, extra_config=(protoseg.add_protoseg_config,))
 
 
 if __name__ == "__main__":
