@@ -205,6 +205,33 @@ def add_gmmseg_config(cfg: CN) -> None:
     # probability), "max_logit" (negative max logit), "entropy".
     cfg.MODEL.SEM_SEG_HEAD.ANOMALY_SCORE = "msp"
 
+    # SegFormer head (SegFormerHead, MMSegmentation's SegformerHead shape):
+    # IN_FEATURES (finest first) each 1x1 conv-norm-ReLU to CONVS_DIM
+    # channels, resized to the first, concatenated, fused by a 1x1
+    # conv-norm-ReLU, DROPOUT, classifier. Reads only existing keys.
+
+    # ------------------------------------------------ MiT (SegFormer) backbone
+    # MODEL.BACKBONE.NAME "D2MixVisionTransformer". Defaults: MiT-B5 as in the
+    # official configs; B0 is EMBED_DIM 32, DEPTHS [2, 2, 2, 2] (all variants:
+    # gmmseg_d2.modeling.backbone.MIT_VARIANTS). Stage i has EMBED_DIM x
+    # NUM_HEADS[i] channels.
+    cfg.MODEL.MIT = CN()
+    cfg.MODEL.MIT.EMBED_DIM = 64
+    cfg.MODEL.MIT.DEPTHS = [3, 6, 40, 3]
+    cfg.MODEL.MIT.NUM_HEADS = [1, 2, 5, 8]
+    cfg.MODEL.MIT.PATCH_SIZES = [7, 3, 3, 3]
+    cfg.MODEL.MIT.STRIDES = [4, 2, 2, 2]
+    cfg.MODEL.MIT.SR_RATIOS = [8, 4, 2, 1]
+    cfg.MODEL.MIT.MLP_RATIO = 4.0
+    cfg.MODEL.MIT.QKV_BIAS = True
+    cfg.MODEL.MIT.DROP_RATE = 0.0
+    cfg.MODEL.MIT.ATTN_DROP_RATE = 0.0
+    cfg.MODEL.MIT.DROP_PATH_RATE = 0.1
+    cfg.MODEL.MIT.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Inputs are padded to a multiple of this (0: not padded; the encoder
+    # takes any size, and MMSegmentation feeds the official models unpadded).
+    cfg.MODEL.MIT.SIZE_DIVISIBILITY = 0
+
     # ---------------------------------------------------- the GMM classifier
     # Defaults are the paper's / official code's (the paper and the official code).
     cfg.MODEL.GMM = CN()

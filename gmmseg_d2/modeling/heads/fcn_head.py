@@ -135,10 +135,3 @@ class FCNHead(PixelClassifierHeadMixin, nn.Module):
             targets: ``(B, H, W)`` int64 labels at the padded input size (training).
         """
         return self.predict(self.layers(features), targets)
-
-    def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Cross-entropy at the target resolution; ``logits (B, C, h, w)``, ``targets (B, H, W)``."""
-        logits = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear",
-                               align_corners=False)
-        loss = F.cross_entropy(logits, targets, reduction="mean", ignore_index=self.ignore_value)
-        return {"loss_sem_seg": loss * self.loss_weight}

@@ -51,9 +51,17 @@ class PixelClassifierHeadMixin:
     """The shared end of a per-pixel head.
 
     A head using it has ``self.predictor`` (a ``SegmentationClassifier`` at
-    pixel level), ``self.output_stride`` (input size / feature map size) and
-    a ``losses(logits, targets)`` method with its own cross-entropy.
+    pixel level), ``self.output_stride`` (input size / feature map size),
+    ``self.ignore_value`` and ``self.loss_weight``; :meth:`losses` is the
+    plain cross-entropy (DeepLabV3+ overrides it with Detectron2's DeepLab loss).
     """
+
+    def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Cross-entropy at the target resolution (logits bilinearly upsampled, as
+        mmsegmentation's decode heads do); ``logits (B, C, h, w)``, ``targets (B, H, W)``."""
+        logits = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, targets, reduction="mean", ignore_index=self.ignore_value)
+        return {"loss_sem_seg": loss * self.loss_weight}
 
     def predict(self, feature_map: torch.Tensor, targets: Optional[torch.Tensor] = None
                 ) -> Tuple[Optional[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
