@@ -6,11 +6,17 @@ writer killed mid-write (``kill -9``, out of memory) leaves an orphan whose
 writer can be identified: :func:`remove_orphan_temporaries` deletes those of
 dead writers on this host, and :class:`AtomicDetectionCheckpointer` calls it on
 its ``save_dir`` when it is created.
+
+It also reads MMSegmentation files directly (:meth:`AtomicDetectionCheckpointer._load_file`):
+the official GMMSeg SegFormer checkpoints and MiT ImageNet weights are
+converted on load by :mod:`gmmseg_d2.checkpoint_conversion`, so
+``MODEL.WEIGHTS official.pth`` works without a conversion step.
 """
 import errno
 import fnmatch
 import logging
 import os
+import pickle
 import re
 import secrets
 import socket
@@ -20,6 +26,8 @@ from typing import BinaryIO, Callable, List, Sequence
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
+
+from ..checkpoint_conversion import convert_mit_imagenet, convert_mmseg_segformer, detect_mmseg_checkpoint
 
 __all__ = ["AtomicDetectionCheckpointer", "atomic_write_bytes", "remove_orphan_temporaries"]
 
@@ -166,3 +174,32 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             return super().tag_last_checkpoint(last_filename_basename)
         tag_file = os.path.join(self.save_dir, "last_checkpoint")
         atomic_write_bytes(tag_file, lambda f: f.write(last_filename_basename.encode()))
+
+    def _torch_load(self, f):
+        try:
+            return super()._torch_load(f)
+        except pickle.UnpicklingError as error:
+            # MMSegmentation checkpoints keep Python objects in their "meta"
+            # (numpy scalars of the best score, ...), which torch's default
+            # weights_only loading refuses.
+            self.logger.warning(f"{f}: weights-only loading refused it ({str(error).splitlines()[0]}); loading "
+                                f"it as a full pickle (as torch < 2.6 did). Only load checkpoints you trust.")
+            return torch.load(f, map_location="cpu", weights_only=False)
+
+    def _load_file(self, filename: str):
+        """Detectron2's loading, plus MMSegmentation files converted on the fly:
+        a SegFormer / GMMSeg SegFormer ``EncoderDecoder`` checkpoint (the official
+        GMMSeg releases) and MiT ImageNet weights (``mit_b*_mmseg.pth`` or the
+        original ``mit_b*.pth``, into ``backbone.``)."""
+        loaded = super()._load_file(filename)
+        kind = detect_mmseg_checkpoint(loaded.get("model"))
+        if kind is None:
+            return loaded
+        state = loaded["model"]
+        state = state.get("state_dict", state)
+        converted = convert_mmseg_segformer(state) if kind == "segformer" else convert_mit_imagenet(state)
+        self.logger.info(f"{filename}: an MMSegmentation {converted.source} checkpoint, converted to gmmseg_d2 "
+                         f"names ({len(converted.model)} tensors; dropped, unused by the official model: "
+                         f"{converted.dropped or 'none'})")
+        return {"model": converted.model, "__author__": f"mmsegmentation:{converted.source}",
+                "matching_heuristics": False}

@@ -61,6 +61,7 @@ __all__ = [
     "build_class_component_memory",
     "direction_and_variance",
     "evenly_spaced_ranks",
+    "ring_chunk_sums",
 ]
 
 #: Values of the ``init`` argument of the memories.
@@ -113,6 +114,40 @@ def direction_and_variance(
     variance = ((total_square - 2.0 * unit * total + n * unit.square()) / n).clamp_min(0.0)
     has_samples = (count > 0)[..., None]
     return torch.where(has_samples, unit, 0.0), torch.where(has_samples, variance, 0.0)
+
+
+def ring_chunk_sums(features: torch.Tensor, pointer: torch.Tensor, count: torch.Tensor, chunk_size: int
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A ring memory's stored features as the chunk sums of a stats memory.
+
+    The valid features of each component, oldest first (slots ``(pointer -
+    count + i) mod K`` for ``i < count``), are cut into chunks of
+    ``chunk_size``; the moments of the result are exactly the ring's.
+
+    Args:
+        features: ``(C, M, K, D)`` ring contents (any strides: read one class at a time).
+        pointer: ``(C, M)`` next slot; count: ``(C, M)`` valid slots.
+        chunk_size: ``B``.
+
+    Returns:
+        ``(chunk_sum, chunk_square_sum)``, each ``(C, M, ceil(K / B) + 1, D)`` float32
+        (the last chunk row, the one being filled, is zero).
+    """
+    num_classes, num_components, capacity, dim = features.shape
+    chunks = math.ceil(capacity / chunk_size) + 1
+    padded = (chunks - 1) * chunk_size
+    age_rank = torch.arange(capacity)
+    pointer, count = pointer.long(), count.long()
+    chunk_sum = torch.zeros(num_classes, num_components, chunks, dim)
+    chunk_square_sum = torch.zeros_like(chunk_sum)
+    for c in range(num_classes):  # one class at a time: no full-size temporary
+        slot = (pointer[c, :, None] - count[c, :, None] + age_rank) % capacity  # (M, K)
+        ordered = torch.gather(features[c].float(), 1, slot[..., None].expand(-1, -1, dim))
+        ordered = ordered * (age_rank < count[c, :, None])[..., None]
+        ordered = F.pad(ordered, (0, 0, 0, padded - capacity)).view(num_components, chunks - 1, chunk_size, dim)
+        chunk_sum[c, :, :-1] = ordered.sum(dim=2)
+        chunk_square_sum[c, :, :-1] = ordered.square().sum(dim=2)
+    return chunk_sum, chunk_square_sum
 
 
 class _MemoryBase(nn.Module):
@@ -497,19 +532,7 @@ class ClassComponentStatsMemory(_MemoryBase):
                 f"(C, M, K, D) into a stats memory for C={self.num_classes}, M={self.num_components}, "
                 f"K={self.capacity}, D={self.dim}: the shapes must match."
             )
-        chunk, chunks = self.chunk_size, self.num_chunks
-        padded = (chunks - 1) * chunk
-        age_rank = torch.arange(capacity)
-        chunk_sum = torch.zeros(num_classes, num_components, chunks, dim)
-        chunk_square_sum = torch.zeros_like(chunk_sum)
-        for c in range(num_classes):  # one class at a time: no full-size temporary
-            # Valid slots oldest first: (pointer - count + i) mod K for i < count.
-            slot = (pointer[c, :, None] - count[c, :, None] + age_rank) % capacity  # (M, K)
-            ordered = torch.gather(features[c].float(), 1, slot[..., None].expand(-1, -1, dim))
-            ordered = ordered * (age_rank < count[c, :, None])[..., None]
-            ordered = F.pad(ordered, (0, 0, 0, padded - capacity)).view(num_components, chunks - 1, chunk, dim)
-            chunk_sum[c, :, :-1] = ordered.sum(dim=2)
-            chunk_square_sum[c, :, :-1] = ordered.square().sum(dim=2)
+        chunk_sum, chunk_square_sum = ring_chunk_sums(features, pointer, count, self.chunk_size)
         state_dict[prefix + "chunk_sum"] = chunk_sum
         state_dict[prefix + "chunk_square_sum"] = chunk_square_sum
         state_dict[prefix + "filled"] = count.clone()
