@@ -86,10 +86,9 @@ def test_orphans_of_dead_writers_are_removed_when_the_checkpointer_starts(tmp_pa
 
 
 KILLED_WRITER = """
-import importlib.util, os, signal, sys
-spec = importlib.util.spec_from_file_location("checkpointer", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
+import importlib, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+module = importlib.import_module("gmmseg_d2.engine.checkpointer")
 
 def write_then_die(f):
     f.write(b"half a checkpoint")
@@ -104,8 +103,7 @@ def test_a_writer_killed_mid_write_leaves_an_orphan_that_the_next_start_removes(
     target = tmp_path / "model_0000019.pth"
     torch.save({"model": {"w": torch.ones(2)}}, target)
     before = target.read_bytes()
-    script = os.path.join(REPO_ROOT, "gmmseg_d2", "engine", "checkpointer.py")
-    child = subprocess.run([sys.executable, "-c", KILLED_WRITER, script, str(target)], capture_output=True)
+    child = subprocess.run([sys.executable, "-c", KILLED_WRITER, REPO_ROOT, str(target)], capture_output=True)
     assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
     orphans = [n for n in os.listdir(tmp_path) if n != target.name]
     assert len(orphans) == 1, orphans

@@ -61,6 +61,9 @@ def test_checkpoint_from_before_the_seam_loads_key_for_key_with_the_same_outputs
     # The files were written with 2 intra-op threads; float32 convolutions
     # round differently with 1 (DeepLabV3+: up to 1.5e-5 in the logits, old
     # and new code alike), so the outputs are compared at the writer's count.
+    # Another CPU (other vector kernels) still differs by ~1.3e-5 in the GMM
+    # logits (log-likelihoods of order 100), hence the 1e-4 tolerance; a
+    # changed computation moves them by far more.
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -70,10 +73,10 @@ def test_checkpoint_from_before_the_seam_loads_key_for_key_with_the_same_outputs
         torch.set_num_threads(previous)
     if name == "maskformer2_gmm":
         for key in ("pred_logits", "pred_masks"):
-            torch.testing.assert_close(outputs[key], saved["outputs"][key], rtol=0, atol=1e-5)
+            torch.testing.assert_close(outputs[key], saved["outputs"][key], rtol=0, atol=1e-4)
     else:
         for key in ("sem_seg", "anomaly_score"):
-            torch.testing.assert_close(outputs[0][key], saved["outputs"][key], rtol=0, atol=1e-5)
+            torch.testing.assert_close(outputs[0][key], saved["outputs"][key], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["fcn_gmm", "maskformer2_gmm"])
