@@ -206,7 +206,7 @@ def test_every_config_parses(path):
     cfg.freeze()
     assert cfg.MODEL.META_ARCHITECTURE == "PerPixelSegmentor"
     if not os.path.basename(path).startswith("Base-"):
-        assert cfg.MODEL.SEM_SEG_HEAD.NAME in ("FCNHead", "DeepLabV3PlusClassifierHead")
+        assert cfg.MODEL.SEM_SEG_HEAD.NAME in ("FCNHead", "DeepLabV3PlusClassifierHead", "SegFormerHead")
         assert cfg.MODEL.CLASSIFIER.NAME == ("gmm" if "gmm" in path else "softmax")
     assert "CLASSIFIER" not in cfg.MODEL.SEM_SEG_HEAD  # the former key
     # Weights are local paths: nothing is downloaded at run time.
@@ -234,7 +234,7 @@ def test_mosaic_deeplab_models(classifier):
 
 def test_paper_configs_build_with_their_class_counts():
     """One R101 model is built; every paper config's head is built on its feature shapes."""
-    paper = [p for p in ALL_CONFIGS if os.path.basename(os.path.dirname(p)) not in ("mosaic", "textures", "own_data")
+    paper = [p for p in ALL_CONFIGS if os.path.basename(os.path.dirname(p)) not in ("mosaic", "textures", "own_data", "segformer")
              and not os.path.basename(p).startswith("Base-")]
     assert len(paper) == 12
     cfg = _cfg(os.path.join(CONFIG_DIR, "cityscapes", "deeplabv3plus_R101_gmm.yaml"))
