@@ -19,6 +19,10 @@ model — and reports:
     python benchmarks/mosaic_models.py --configs fcn_R18 --seeds 0 \
         --output-dir output/benchmarks/mosaic
 
+Resumable: with ``--recorded DIR`` each (model, seed) run is written to
+``DIR/<run name>.json`` as soon as it finishes, runs already there are
+skipped, and the table is rebuilt from the JSONs of the requested runs.
+
 Runs are sequential (the machine's cores are shared by one run at a time), so
 the step-time ratio compares runs made back to back on the same machine.
 """
@@ -131,6 +135,29 @@ def format_table(records: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def _mean_sd(values: List[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def format_summary(records: List[Dict]) -> str:
+    """Mean ± sd over seeds, one row per (config, anomaly score)."""
+    lines = ["| model | seeds | mIoU | anomaly score | AP | FPR95 | AUROC | step s | inference s/img |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    configs = list(dict.fromkeys(r["config"] for r in records))
+    for config in configs:
+        runs = [r for r in records if r["config"] == config]
+        for score in runs[0]["anomaly"]:
+            metric = {m: [r["anomaly"][score][m] for r in runs] for m in ("AP", "FPR95", "AUROC")}
+            lines.append(
+                f"| {os.path.basename(config)} | {len(runs)} | {_mean_sd([r['mIoU'] for r in runs])} | {score} "
+                f"| {_mean_sd(metric['AP'])} | {_mean_sd(metric['FPR95'])} | {_mean_sd(metric['AUROC'])} "
+                f"| {statistics.median(r['step_time'] for r in runs):.3f} "
+                f"| {statistics.median(r['inference_time'] or float('nan') for r in runs):.4f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["fcn_R18", "deeplabv3plus_R18"],
@@ -140,18 +167,34 @@ def main() -> None:
                         help="which of <name>_softmax / <name>_gmm to run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--output-dir", default="output/benchmarks/mosaic")
+    parser.add_argument("--recorded", default=None,
+                        help="folder of one JSON per run: recorded runs are skipped, new ones written there")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args()
     records = []
     for family in args.configs:
         for seed in args.seeds:
             for kind in args.classifiers:
-                records.append(train_and_evaluate(family, kind, seed, args.output_dir, sys.executable,
-                                                  args.opts))
+                name = f"{RUN_PREFIXES.get((family, kind), f'{family}_{kind}')}_seed{seed}"
+                recorded = os.path.join(args.recorded, f"{name}.json") if args.recorded else None
+                if recorded and os.path.isfile(recorded):
+                    print(f"[benchmark] {name}: recorded in {recorded}, skipped", flush=True)
+                    with open(recorded) as f:
+                        records.append(json.load(f))
+                    continue
+                record = train_and_evaluate(family, kind, seed, args.output_dir, sys.executable, args.opts)
+                records.append(record)
+                if recorded:
+                    os.makedirs(args.recorded, exist_ok=True)
+                    with open(recorded + ".tmp", "w") as f:
+                        json.dump(record, f, indent=2)
+                    os.replace(recorded + ".tmp", recorded)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(records, f, indent=2)
     print(format_table(records))
+    print()
+    print(format_summary(records))
 
 
 if __name__ == "__main__":
