@@ -281,8 +281,11 @@ def test_mosaic_segformer_configs_share_the_mosaic_recipe():
     softmax, gmm = (load(p) for p in MOSAIC_CONFIGS)
     fcn_softmax, fcn_gmm = load("mosaic/fcn_R18_softmax.yaml"), load("mosaic/fcn_R18_gmm.yaml")
     for cfg in (softmax, gmm):
-        # Same data, schedule and solver as the other mosaic models.
-        assert cfg.SOLVER == fcn_gmm.SOLVER and cfg.INPUT == fcn_gmm.INPUT and cfg.DATASETS == fcn_gmm.DATASETS
+        # Same data and solver as the other mosaic models; their own lr and length (see the configs).
+        solver = cfg.SOLVER.clone()
+        solver.merge_from_list(["BASE_LR", fcn_gmm.SOLVER.BASE_LR, "MAX_ITER", fcn_gmm.SOLVER.MAX_ITER])
+        assert (cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER) == (0.001, 1000)
+        assert solver == fcn_gmm.SOLVER and cfg.INPUT == fcn_gmm.INPUT and cfg.DATASETS == fcn_gmm.DATASETS
         assert tuple(cfg.INPUT.CROP.SIZE) == (128, 128)
         # MiT-B0 from scratch, 128-channel SegFormer head, BatchNorm.
         assert cfg.MODEL.WEIGHTS == ""
