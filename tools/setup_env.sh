@@ -307,6 +307,11 @@ PIP=("$PY" -m pip install --disable-pip-version-check)
 # torch/torchvision first and pinned, so nothing later can pull another build.
 "${PIP[@]}" -q "torch==2.14.1" "torchvision==0.29.1"
 "${PIP[@]}" -q -r "$ROOT/requirements.txt"
+# projects/GSS's VQ-VAE: OpenAI's dVAE modules (torch only at run time). Its
+# metadata also pulls mypy, pytest, blobfile, torchvision for its own tests
+# and URL loading, none of which its modules import; attrs and requests, which
+# they do import, are in requirements.txt.
+"${PIP[@]}" -q --no-deps "DALL-E==0.1"
 
 if "$PY" -c "import detectron2" 2>/dev/null; then
     echo "[setup] detectron2 already importable: keeping it"

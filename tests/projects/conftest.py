@@ -4,6 +4,8 @@ import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROTOSEG_ROOT = os.path.join(REPO_ROOT, "projects", "ProtoSeg")
+GSS_ROOT = os.path.join(REPO_ROOT, "projects", "GSS")
 
-if PROTOSEG_ROOT not in sys.path:
-    sys.path.insert(0, PROTOSEG_ROOT)
+for _root in (PROTOSEG_ROOT, GSS_ROOT):
+    if _root not in sys.path:
+        sys.path.insert(0, _root)
