@@ -328,7 +328,8 @@ def tables(args) -> str:
     record = _load_json(os.path.join(args.recorded, "cost.json"))
     if record:
         train, infer = record["train_step_s"], record["inference_s"]
-        lines += ["| model | train step s (batch 16) | ratio | inference s (1 image) | ratio |", "|---|---|---|---|---|"]
+        lines += ["| model | train step s (batch 16) | ratio | inference s (1 image) | ratio |",
+                  "|---|---|---|---|---|"]
         for name in ("fcn_softmax", "gss_ff", "gss_ft"):
             step = f"{train[name]:.3f} | {train[name] / train['fcn_softmax']:.2f}" if name in train else "- | -"
             lines.append(f"| {name} | {step} | {infer[name]:.4f} | {infer[name] / infer['fcn_softmax']:.2f} |")

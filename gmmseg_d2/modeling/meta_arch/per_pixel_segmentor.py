@@ -18,7 +18,23 @@ from ..sliding_window import (  # noqa: F401
     validated_sliding_window_settings,
 )
 
-__all__ = ["PerPixelSegmentor"]
+__all__ = ["PerPixelSegmentor", "per_pixel_outputs_for_record"]
+
+
+def per_pixel_outputs_for_record(record: Dict, sem_seg: torch.Tensor, anomaly: torch.Tensor,
+                                 image_size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
+    """One image's result: ``(C, H', W')`` scores and ``(H', W')`` anomaly at the padded size
+    → ``{"sem_seg": (C, height, width), "anomaly_score": (height, width)}``, padding cropped
+    and resized to the record's ``height``/``width`` (its original size).
+
+    Shared by the per-pixel meta-architectures (also the projects').
+    """
+    height = record.get("height", image_size[0])
+    width = record.get("width", image_size[1])
+    return {
+        "sem_seg": sem_seg_postprocess(sem_seg, image_size, height, width),
+        "anomaly_score": sem_seg_postprocess(anomaly[None], image_size, height, width)[0],
+    }
 
 
 @META_ARCH_REGISTRY.register()
@@ -85,8 +101,8 @@ class PerPixelSegmentor(SemanticSegmentor):
             results = []
             for record, image in zip(batched_inputs, images):
                 outputs = self.sliding_window_inference(image)
-                results.append(self._postprocess(record, outputs["sem_seg"],
-                                                 outputs["anomaly_score"], image.shape[-2:]))
+                results.append(per_pixel_outputs_for_record(record, outputs["sem_seg"], outputs["anomaly_score"],
+                                                            image.shape[-2:]))
             return results
 
         images = ImageList.from_tensors(images, self.backbone.size_divisibility,
@@ -106,21 +122,11 @@ class PerPixelSegmentor(SemanticSegmentor):
 
         outputs, _ = self.sem_seg_head(features)
         return [
-            self._postprocess(record, outputs["sem_seg"][index], outputs["anomaly_score"][index],
-                              image_size)
+            per_pixel_outputs_for_record(record, outputs["sem_seg"][index], outputs["anomaly_score"][index],
+                                         image_size)
             for index, (record, image_size) in enumerate(zip(batched_inputs, images.image_sizes))
         ]
 
-    @staticmethod
-    def _postprocess(record: Dict, sem_seg: torch.Tensor, anomaly: torch.Tensor,
-                     image_size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
-        """Crop padding off ``(C, H', W')`` / ``(H', W')`` outputs; resize to the record's size."""
-        height = record.get("height", image_size[0])
-        width = record.get("width", image_size[1])
-        return {
-            "sem_seg": sem_seg_postprocess(sem_seg, image_size, height, width),
-            "anomaly_score": sem_seg_postprocess(anomaly[None], image_size, height, width)[0],
-        }
 
     @torch.no_grad()
     def sliding_window_inference(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ __all__ = [
     "INVERSES", "PALETTE_KINDS", "TRAIN_STAGES", "ConvInverse", "DalleDVAE", "GenerativeSemanticSegmentor",
     "LatentPrior", "LeastSquaresInverse", "Maskige", "MaskigeAutoencoder", "MaskigeInverse", "MaskigeVQVAE",
     "NearestColourInverse", "SwinInverse", "UnlabeledAreaHead", "add_gss_config", "build_inverse", "build_palette",
-    "build_vqvae", "fill_unlabelled", "load_vqvae_weights", "maximal_distance_guarantee", "maximal_distance_palette", "random_palette",
+    "build_vqvae", "fill_unlabelled", "load_vqvae_weights", "maximal_distance_guarantee", "maximal_distance_palette",
+    "random_palette",
     "save_vqvae", "upsample_labels",
 ]

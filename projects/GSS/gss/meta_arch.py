@@ -4,11 +4,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import nn
 from torch.nn import functional as F
 
+from gmmseg_d2.modeling.meta_arch.per_pixel_segmentor import per_pixel_outputs_for_record
 from gmmseg_d2.modeling.sliding_window import (
     blend_sliding_windows, sliding_window_args_from_config, validated_sliding_window_settings,
 )
@@ -299,17 +299,17 @@ class GenerativeSemanticSegmentor(nn.Module):
 
                 blended = blend_sliding_windows(image, predict_windows, self.window_size, self.window_stride,
                                                 self.window_blending, self.gaussian_sigma, self.windows_per_batch)
-                results.append(_postprocess(record, blended["sem_seg"], blended["anomaly_score"],
-                                            tuple(image.shape[-2:])))
+                results.append(per_pixel_outputs_for_record(record, blended["sem_seg"], blended["anomaly_score"],
+                                                            tuple(image.shape[-2:])))
             return results
         batch = ImageList.from_tensors(images, self.size_divisibility)
         scores, anomaly = self.predict(batch.tensor)
-        return [_postprocess(record, scores[index], anomaly[index], image_size)
+        return [per_pixel_outputs_for_record(record, scores[index], anomaly[index], image_size)
                 for index, (record, image_size) in enumerate(zip(batched_inputs, batch.image_sizes))]
 
 
 def fill_unlabelled(labels: torch.Tensor, guesses: torch.Tensor, ignore_value: int = 255) -> torch.Tensor:
-    """``c~ = M_u·c_bar + (1 - M_u)·c``: labels ``(N, H, W)`` with ignored pixels (``M_u = 1``) taken from ``guesses``."""
+    """``c~ = M_u·c_bar + (1 - M_u)·c``: labels ``(N, H, W)``, ignored pixels (``M_u = 1``) from ``guesses``."""
     return torch.where(labels == ignore_value, guesses.to(labels.dtype), labels)
 
 
@@ -318,13 +318,3 @@ def _cross_entropy_or_zero(logits: torch.Tensor, targets: torch.Tensor, ignore_i
     if not (targets != ignore_index).any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits, targets, ignore_index=ignore_index)
-
-
-def _postprocess(record: Dict, sem_seg: torch.Tensor, anomaly: torch.Tensor,
-                 image_size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
-    height = record.get("height", image_size[0])
-    width = record.get("width", image_size[1])
-    return {
-        "sem_seg": sem_seg_postprocess(sem_seg, image_size, height, width),
-        "anomaly_score": sem_seg_postprocess(anomaly[None], image_size, height, width)[0],
-    }
