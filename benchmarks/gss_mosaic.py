@@ -48,6 +48,8 @@ PALETTES = ("maximal_distance", "random")
 PARTS = ("vqvae", "reconstruction", "models", "cost")
 #: The mosaic FCN models' schedule (configs/mosaic/Base-mosaic-per-pixel.yaml).
 FCN_ITERS = 300
+#: GSS-FT's stage III (projects/GSS/configs/mosaic/gss_ft_R18.yaml).
+FT_ITERS = 80
 
 
 def _load_json(path: str) -> Optional[Dict]:
@@ -100,6 +102,20 @@ def _gss_config(palette: str = "maximal_distance", *opts):
     return cfg
 
 
+def _stage_three_config(inverse_name: str):
+    """The mosaic GSS-FT ("conv") or GSS-FT-W ("swin") config."""
+    from detectron2.config import get_cfg
+    from gmmseg_d2.config import add_gmmseg_config
+
+    from gss import add_gss_config
+
+    cfg = get_cfg()
+    add_gmmseg_config(cfg)
+    add_gss_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO_ROOT, FT_CONFIG if inverse_name == "conv" else FTW_CONFIG))
+    return cfg
+
+
 def _train_inverse(inverse, vqvae, maskige, train_maps, cfg, iters: int, seed: int, random_crops):
     """Fit a learned X⁻¹ on the VQ-VAE's round trips of random training crops (CE at label size)."""
     import torch.nn.functional as F
@@ -127,7 +143,7 @@ def reconstruction(args) -> None:
     """Table 1 on the mosaic: one JSON per (palette, inverse)."""
     import importlib.util
 
-    from gss import ConvInverse, LeastSquaresInverse, Maskige, NearestColourInverse, SwinInverse, build_palette
+    from gss import LeastSquaresInverse, Maskige, NearestColourInverse, build_inverse, build_palette
     from gss import load_vqvae_weights
     from gss.reconstruction import ConfusionMatrix, reconstruct_labels
 
@@ -152,8 +168,8 @@ def reconstruction(args) -> None:
             inverse = LeastSquaresInverse(maskige.palette)
         else:
             torch.manual_seed(0)
-            inverse = (ConvInverse(maskige.palette, dim=64) if inverse_name == "conv"
-                       else SwinInverse(maskige.palette, dim=64, depth=1, heads=4, window=8))
+            # The sizes of the mosaic stage-III configs (gss_ft_R18.yaml, gss_ftw_R18.yaml).
+            inverse = build_inverse(_stage_three_config(inverse_name), maskige.palette)
             train_maps = tool.load_label_maps(cfg.DATASETS.TRAIN[0])
             inverse = _train_inverse(inverse, vqvae, maskige, train_maps, cfg, args.inverse_iters, seed=0,
                                      random_crops=tool.random_crops)
@@ -223,7 +239,7 @@ def models(args) -> None:
                    "MODEL.WEIGHTS", os.path.join(ff_dir, "model_final.pth"), "MODEL.GSS.VQVAE.WEIGHTS", "",
                    "OUTPUT_DIR", ft_dir], os.path.join(ft_dir, "train.log"))
         _write_json(ft_recorded, _model_record(ft_name, FT_CONFIG, seed, ft_dir, log, {
-            "iters": 150, "wall_seconds": time.perf_counter() - start}))
+            "iters": FT_ITERS, "wall_seconds": time.perf_counter() - start}))
 
 
 def cost(args) -> None:
