@@ -183,7 +183,7 @@ def test_vqvae_training_reduces_reconstruction_error_and_uses_codes():
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
-    # Measured: mean absolute colour error 0.43 -> 0.27 (seed 0).
+    # The mean absolute colour error starts at ~0.43 (seed 0) and falls by more than a quarter.
     assert round_trip_error() < 0.75 * start
     assert len(model.encode(batch).unique()) > 1
 
