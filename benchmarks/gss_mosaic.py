@@ -12,7 +12,7 @@ results are skipped, and the tables are rebuilt from the JSONs:
   of ground-truth masks after maskige → VQ-VAE → X⁻¹, for FF-R (random
   palette, nearest colour), FF (nearest colour; least squares), FT and FT-W
   (inverses trained on the VQ-VAE's round trips of training masks).
-* ``models``: GSS-FF (stage II) and GSS-FT (stage III on it) per seed,
+* ``models``: GSS-FF (stage II), then GSS-FT and GSS-FT-W (stage III on it) per seed,
   trained with ``projects/GSS/train_net.py`` on the mosaic FCN models'
   data and optimiser, GSS-FF for ``--ff-iters`` iterations (chosen so that
   its training time matches the FCN's 300 iterations, see ``cost``); mIoU on
@@ -48,8 +48,8 @@ PALETTES = ("maximal_distance", "random")
 PARTS = ("vqvae", "reconstruction", "models", "cost")
 #: The mosaic FCN models' schedule (configs/mosaic/Base-mosaic-per-pixel.yaml).
 FCN_ITERS = 300
-#: GSS-FT's stage III (projects/GSS/configs/mosaic/gss_ft_R18.yaml).
-FT_ITERS = 80
+#: Stage III of GSS-FT and GSS-FT-W (gss_ft_R18.yaml, gss_ftw_R18.yaml).
+STAGE_THREE_ITERS = 80
 
 
 def _load_json(path: str) -> Optional[Dict]:
@@ -217,7 +217,7 @@ def models(args) -> None:
     ff_iters = ff_iterations(args)
     for seed in args.seeds:
         ff_name, ft_name = f"gss_ff_R18_seed{seed}", f"gss_ft_R18_seed{seed}"
-        ff_dir, ft_dir = os.path.join(args.output_dir, ff_name), os.path.join(args.output_dir, ft_name)
+        ff_dir = os.path.join(args.output_dir, ff_name)
         ff_recorded = os.path.join(args.recorded, f"{ff_name}.json")
         if not os.path.isfile(ff_recorded) or not os.path.isfile(os.path.join(ff_dir, "model_final.pth")):
             print(f"[gss benchmark] training {ff_name}", flush=True)
@@ -229,17 +229,24 @@ def models(args) -> None:
             if not os.path.isfile(ff_recorded):
                 _write_json(ff_recorded, _model_record(ff_name, FF_CONFIG, seed, ff_dir, log, {
                     "iters": ff_iters, "wall_seconds": time.perf_counter() - start}))
-        ft_recorded = os.path.join(args.recorded, f"{ft_name}.json")
-        if os.path.isfile(ft_recorded):
-            continue
-        print(f"[gss benchmark] training {ft_name}", flush=True)
-        os.makedirs(ft_dir, exist_ok=True)
-        start = time.perf_counter()
-        log = run([args.python, "projects/GSS/train_net.py", "--config-file", FT_CONFIG, "SEED", str(seed),
-                   "MODEL.WEIGHTS", os.path.join(ff_dir, "model_final.pth"), "MODEL.GSS.VQVAE.WEIGHTS", "",
-                   "OUTPUT_DIR", ft_dir], os.path.join(ft_dir, "train.log"))
-        _write_json(ft_recorded, _model_record(ft_name, FT_CONFIG, seed, ft_dir, log, {
-            "iters": FT_ITERS, "wall_seconds": time.perf_counter() - start}))
+        for name, config in ((ft_name, FT_CONFIG), (f"gss_ftw_R18_seed{seed}", FTW_CONFIG)):
+            _stage_three(args, name, config, seed, os.path.join(ff_dir, "model_final.pth"))
+
+
+def _stage_three(args, name: str, config: str, seed: int, stage_two_weights: str) -> None:
+    """Trains and records one stage-III inverse (GSS-FT or GSS-FT-W) on a frozen stage-II checkpoint."""
+    recorded = os.path.join(args.recorded, f"{name}.json")
+    if os.path.isfile(recorded):
+        return
+    print(f"[gss benchmark] training {name}", flush=True)
+    output_dir = os.path.join(args.output_dir, name)
+    os.makedirs(output_dir, exist_ok=True)
+    start = time.perf_counter()
+    log = run([args.python, "projects/GSS/train_net.py", "--config-file", config, "SEED", str(seed),
+               "MODEL.WEIGHTS", stage_two_weights, "MODEL.GSS.VQVAE.WEIGHTS", "",
+               "OUTPUT_DIR", output_dir], os.path.join(output_dir, "train.log"))
+    _write_json(recorded, _model_record(name, config, seed, output_dir, log, {
+        "iters": STAGE_THREE_ITERS, "wall_seconds": time.perf_counter() - start}))
 
 
 def cost(args) -> None:
@@ -327,7 +334,8 @@ def tables(args) -> str:
     families = [("FCN-R18 softmax", mosaic_models, "fcn_R18_softmax_seed{}", "msp"),
                 ("FCN-R18 GMM", mosaic_models, "fcn_R18_gmm_seed{}", "density"),
                 ("GSS-FF-R18", args.recorded, "gss_ff_R18_seed{}", "token_msp"),
-                ("GSS-FT-R18", args.recorded, "gss_ft_R18_seed{}", "token_msp")]
+                ("GSS-FT-R18", args.recorded, "gss_ft_R18_seed{}", "token_msp"),
+                ("GSS-FT-W-R18", args.recorded, "gss_ftw_R18_seed{}", "token_msp")]
     table = []
     for label, folder, pattern, score in families:
         records = [r for r in (_load_json(os.path.join(folder, pattern.format(s) + ".json")) for s in args.seeds)
