@@ -11,7 +11,7 @@ results are skipped, and the tables are rebuilt from the JSONs:
 * ``reconstruction``: the paper's Table 1 on ``mosaic_sem_seg_val``: mIoU
   of ground-truth masks after maskige → VQ-VAE → X⁻¹, for FF-R (random
   palette, nearest colour), FF (nearest colour; least squares), FT and FT-W
-  (inverses trained on the VQ-VAE's round trips of training masks).
+  (inverses trained on the VQ-VAE's round trips of training masks, once per seed).
 * ``models``: GSS-FF (stage II), then GSS-FT and GSS-FT-W (stage III on it) per seed,
   trained with ``projects/GSS/train_net.py`` on the mosaic FCN models'
   data and optimiser, GSS-FF for ``--ff-iters`` iterations (chosen so that
@@ -48,6 +48,11 @@ PALETTES = ("maximal_distance", "random")
 PARTS = ("vqvae", "reconstruction", "models", "cost")
 #: The mosaic FCN models' schedule (configs/mosaic/Base-mosaic-per-pixel.yaml).
 FCN_ITERS = 300
+#: The reconstruction table's rows: (palette, X⁻¹, name), as in the paper's Table 1.
+RECONSTRUCTION_ROWS = (("random", "nearest", "GSS-FF-R"), ("maximal_distance", "nearest", "GSS-FF"),
+                       ("maximal_distance", "least_squares", "GSS-FF, least squares"),
+                       ("maximal_distance", "conv", "GSS-FT"), ("maximal_distance", "swin", "GSS-FT-W"))
+LEARNED_INVERSES = ("conv", "swin")
 #: Stage III of GSS-FT and GSS-FT-W (gss_ft_R18.yaml, gss_ftw_R18.yaml).
 STAGE_THREE_ITERS = 80
 
@@ -140,7 +145,7 @@ def _train_inverse(inverse, vqvae, maskige, train_maps, cfg, iters: int, seed: i
 
 
 def reconstruction(args) -> None:
-    """Table 1 on the mosaic: one JSON per (palette, inverse)."""
+    """Table 1 on the mosaic: one JSON per (palette, inverse), and per seed for the learned inverses."""
     import importlib.util
 
     from gss import LeastSquaresInverse, Maskige, NearestColourInverse, build_inverse, build_palette
@@ -150,41 +155,46 @@ def reconstruction(args) -> None:
     spec = importlib.util.spec_from_file_location("gss_train_vqvae", os.path.join(GSS_ROOT, "tools", "train_vqvae.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    rows = [("random", "nearest", "GSS-FF-R"), ("maximal_distance", "nearest", "GSS-FF"),
-            ("maximal_distance", "least_squares", "GSS-FF, least squares"),
-            ("maximal_distance", "conv", "GSS-FT"), ("maximal_distance", "swin", "GSS-FT-W")]
-    for palette, inverse_name, row_name in rows:
-        recorded = os.path.join(args.recorded, f"reconstruction_{palette}_{inverse_name}.json")
-        if os.path.isfile(recorded):
-            continue
-        cfg = _gss_config(palette)
-        gss = cfg.MODEL.GSS
-        maskige = Maskige(build_palette(palette, gss.NUM_CLASSES, seed=gss.MASKIGE.SEED))
-        vqvae = load_vqvae_weights(vqvae_path(args.output_dir, palette)).eval()
-        start = time.perf_counter()
-        if inverse_name == "nearest":
-            inverse = NearestColourInverse(maskige.palette)
-        elif inverse_name == "least_squares":
-            inverse = LeastSquaresInverse(maskige.palette)
-        else:
-            torch.manual_seed(0)
-            # The sizes of the mosaic stage-III configs (gss_ft_R18.yaml, gss_ftw_R18.yaml).
-            inverse = build_inverse(_stage_three_config(inverse_name), maskige.palette)
-            train_maps = tool.load_label_maps(cfg.DATASETS.TRAIN[0])
-            inverse = _train_inverse(inverse, vqvae, maskige, train_maps, cfg, args.inverse_iters, seed=0,
-                                     random_crops=tool.random_crops)
-        confusion = ConfusionMatrix(gss.NUM_CLASSES, gss.IGNORE_VALUE)
-        clean = ConfusionMatrix(gss.NUM_CLASSES, gss.IGNORE_VALUE)
-        for label in tool.load_label_maps(cfg.DATASETS.TEST[0]):
-            label = label[None]
-            confusion.update(reconstruct_labels(label, vqvae, maskige, inverse, gss.LABEL_UPSAMPLE,
-                                                gss.IGNORE_VALUE), label)
-            with torch.no_grad():  # the inverse alone, on the clean maskige
-                clean.update(inverse(maskige(label)).argmax(1), label)
-        _write_json(recorded, {"model": row_name, "palette": palette, "inverse": inverse_name,
-                               "mIoU": confusion.metrics()["mIoU"], "pACC": confusion.metrics()["pACC"],
-                               "clean_mIoU": clean.metrics()["mIoU"], "seconds": time.perf_counter() - start,
-                               "inverse_iters": args.inverse_iters if inverse_name in ("conv", "swin") else 0})
+    for palette, inverse_name, row_name in RECONSTRUCTION_ROWS:
+        # The rule-based inverses have no seed; a learned one is trained once per seed (its init and crops).
+        seeds = args.seeds if inverse_name in LEARNED_INVERSES else [None]
+        for seed in seeds:
+            recorded = os.path.join(args.recorded, _reconstruction_name(palette, inverse_name, seed) + ".json")
+            if os.path.isfile(recorded):
+                continue
+            cfg = _gss_config(palette)
+            gss = cfg.MODEL.GSS
+            maskige = Maskige(build_palette(palette, gss.NUM_CLASSES, seed=gss.MASKIGE.SEED))
+            vqvae = load_vqvae_weights(vqvae_path(args.output_dir, palette)).eval()
+            start = time.perf_counter()
+            if inverse_name == "nearest":
+                inverse = NearestColourInverse(maskige.palette)
+            elif inverse_name == "least_squares":
+                inverse = LeastSquaresInverse(maskige.palette)
+            else:
+                torch.manual_seed(seed)
+                # The sizes of the mosaic stage-III configs (gss_ft_R18.yaml, gss_ftw_R18.yaml).
+                inverse = build_inverse(_stage_three_config(inverse_name), maskige.palette)
+                train_maps = tool.load_label_maps(cfg.DATASETS.TRAIN[0])
+                inverse = _train_inverse(inverse, vqvae, maskige, train_maps, cfg, args.inverse_iters, seed=seed,
+                                         random_crops=tool.random_crops)
+            confusion = ConfusionMatrix(gss.NUM_CLASSES, gss.IGNORE_VALUE)
+            clean = ConfusionMatrix(gss.NUM_CLASSES, gss.IGNORE_VALUE)
+            for label in tool.load_label_maps(cfg.DATASETS.TEST[0]):
+                label = label[None]
+                confusion.update(reconstruct_labels(label, vqvae, maskige, inverse, gss.LABEL_UPSAMPLE,
+                                                    gss.IGNORE_VALUE), label)
+                with torch.no_grad():  # the inverse alone, on the clean maskige
+                    clean.update(inverse(maskige(label)).argmax(1), label)
+            _write_json(recorded, {"model": row_name, "palette": palette, "inverse": inverse_name, "seed": seed,
+                                   "mIoU": confusion.metrics()["mIoU"], "pACC": confusion.metrics()["pACC"],
+                                   "clean_mIoU": clean.metrics()["mIoU"], "seconds": time.perf_counter() - start,
+                                   "inverse_iters": args.inverse_iters if inverse_name in LEARNED_INVERSES else 0})
+
+
+def _reconstruction_name(palette: str, inverse_name: str, seed: Optional[int]) -> str:
+    name = f"reconstruction_{palette}_{inverse_name}"
+    return name if seed is None else f"{name}_seed{seed}"
 
 
 def _model_record(name: str, config: str, seed: int, output_dir: str, log: str, extra: Dict) -> Dict:
@@ -320,16 +330,18 @@ def _mean_sd(values: List[float]) -> str:
 
 def tables(args) -> str:
     lines = []
-    rows = [_load_json(os.path.join(args.recorded, f"reconstruction_{p}_{i}.json"))
-            for p, i in (("random", "nearest"), ("maximal_distance", "nearest"),
-                         ("maximal_distance", "least_squares"), ("maximal_distance", "conv"),
-                         ("maximal_distance", "swin"))]
-    if any(rows):
-        lines += ["| X⁻¹ | palette | reconstruction mIoU | pixel acc | X⁻¹ alone on clean maskiges, mIoU |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['palette']} | {r['mIoU']:.2f} | {r['pACC']:.2f} | {r['clean_mIoU']:.2f} |"
-                  for r in rows if r]
-        lines.append("")
+    rows = []
+    for palette, inverse_name, row_name in RECONSTRUCTION_ROWS:
+        seeds = args.seeds if inverse_name in LEARNED_INVERSES else [None]
+        records = [r for r in (_load_json(os.path.join(args.recorded, _reconstruction_name(palette, inverse_name, s)
+                                                       + ".json")) for s in seeds) if r]
+        if records:
+            rows.append(f"| {row_name} | {palette} | {len(records) if inverse_name in LEARNED_INVERSES else '-'} "
+                        f"| {_mean_sd([r['mIoU'] for r in records])} | {_mean_sd([r['pACC'] for r in records])} "
+                        f"| {_mean_sd([r['clean_mIoU'] for r in records])} |")
+    if rows:
+        lines += ["| X⁻¹ | palette | inverse seeds | reconstruction mIoU | pixel acc "
+                  "| X⁻¹ alone on clean maskiges, mIoU |", "|---|---|---|---|---|---|", *rows, ""]
     mosaic_models = os.path.join(REPO_ROOT, "benchmarks", "recorded", "mosaic_models")
     families = [("FCN-R18 softmax", mosaic_models, "fcn_R18_softmax_seed{}", "msp"),
                 ("FCN-R18 GMM", mosaic_models, "fcn_R18_gmm_seed{}", "density"),
