@@ -10,7 +10,7 @@ from tests.projects.conftest import GSS_ROOT
 
 FF_CONFIG = os.path.join(GSS_ROOT, "configs", "mosaic", "gss_ff_R18.yaml")
 FT_CONFIG = os.path.join(GSS_ROOT, "configs", "mosaic", "gss_ft_R18.yaml")
-# Seconds, not minutes: a GSS-FF step costs ~4 FCN steps on this CPU (the
+# Seconds, not minutes: a GSS-FF step costs ~2.7 FCN steps on this CPU (the
 # VQ-VAE encodes a 2x-upsampled maskige), so learning is not asserted here
 # (tests/projects/test_gss_components.py trains the prior on a tiny batch).
 FAST_TRAINING_OPTS = ["SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "2", "DATALOADER.NUM_WORKERS", "0"]

@@ -21,6 +21,5 @@ __all__ = [
     "LatentPrior", "LeastSquaresInverse", "Maskige", "MaskigeAutoencoder", "MaskigeInverse", "MaskigeVQVAE",
     "NearestColourInverse", "SwinInverse", "UnlabeledAreaHead", "add_gss_config", "build_inverse", "build_palette",
     "build_vqvae", "fill_unlabelled", "load_vqvae_weights", "maximal_distance_guarantee", "maximal_distance_palette",
-    "random_palette",
-    "save_vqvae", "upsample_labels",
+    "random_palette", "save_vqvae", "upsample_labels",
 ]
